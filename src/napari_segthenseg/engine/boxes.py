@@ -1,0 +1,117 @@
+"""Box rules (SPEC section 2, step 2), shared by inference and training.
+
+A box is ``(y0, x0, y1, x1)`` in full-resolution pixels, half-open, always inside the image.
+Boxes are kept in an ``int64`` array of shape ``(N, 4)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+MIN_BOX = 5  # components narrower or shorter than this (full-res px) are noise
+
+
+def default_pad(size: int) -> int:
+    """The paper's padding: S/8 full-resolution pixels."""
+    return max(0, int(round(size / 8)))
+
+
+def _place(lo: float, side: int, limit: int) -> tuple[int, int]:
+    """Place a 1D interval of ``side`` starting near ``lo`` inside [0, limit); clamp if too long."""
+    if side >= limit:
+        return 0, limit
+    start = int(round(lo))
+    start = min(max(start, 0), limit - side)
+    return start, start + side
+
+
+def square_pad_shift(box: np.ndarray, hw: tuple[int, int], pad: int) -> np.ndarray:
+    """Make a box square (keeping its centre), pad it by ``pad`` and shift it inside the image.
+
+    If the padded side exceeds an image side, the box is clamped to that side; the crop window
+    (:func:`crop_windows`) then pads the crop so the object is kept, never dropped.
+    """
+    y0, x0, y1, x1 = (float(v) for v in box)
+    side = int(max(y1 - y0, x1 - x0)) + 2 * int(pad)
+    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
+    ya, yb = _place(cy - side / 2.0, side, hw[0])
+    xa, xb = _place(cx - side / 2.0, side, hw[1])
+    return np.array([ya, xa, yb, xb], dtype=np.int64)
+
+
+def component_boxes(mask: np.ndarray) -> np.ndarray:
+    """Bounding boxes (in ``mask`` pixels) of its 8-connected components, in label order."""
+    labels, n = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
+    out = np.zeros((n, 4), dtype=np.int64)
+    for i, sl in enumerate(ndimage.find_objects(labels)):
+        out[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return out
+
+
+def scale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+    """Scale boxes between resolutions, rounding outwards so the object stays inside."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    fy, fx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    out = np.empty_like(b)
+    out[:, 0], out[:, 2] = np.floor(b[:, 0] * fy), np.ceil(b[:, 2] * fy)
+    out[:, 1], out[:, 3] = np.floor(b[:, 1] * fx), np.ceil(b[:, 3] * fx)
+    out[:, 0::2] = out[:, 0::2].clip(0, to_hw[0])
+    out[:, 1::2] = out[:, 1::2].clip(0, to_hw[1])
+    return out.astype(np.int64)
+
+
+def finalize_boxes(
+    raw: np.ndarray, hw: tuple[int, int], pad: int, min_box: int = MIN_BOX
+) -> np.ndarray:
+    """Full-res component boxes -> StS boxes: drop small ones, then square, pad and shift."""
+    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 4)
+    keep = ((raw[:, 2] - raw[:, 0]) >= min_box) & ((raw[:, 3] - raw[:, 1]) >= min_box)
+    out = [square_pad_shift(b, hw, pad) for b in raw[keep]]
+    return np.stack(out) if out else np.zeros((0, 4), dtype=np.int64)
+
+
+def boxes_from_mask(
+    mask: np.ndarray, hw: tuple[int, int], pad: int, min_box: int = MIN_BOX
+) -> np.ndarray:
+    """StS boxes for an image of size ``hw`` from a (possibly smaller) binary mask.
+
+    Components are found on ``mask`` itself (the S x S rough mask: cheap), then scaled to
+    full resolution, which is equivalent to the paper's upsample-then-label Algorithm 1.
+    """
+    mask = np.asarray(mask)
+    raw = scale_boxes(component_boxes(mask), mask.shape[:2], hw)
+    return finalize_boxes(raw, hw, pad, min_box)
+
+
+def clip_boxes(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Clip any (e.g. hand-drawn) boxes to the image; empty results are removed.
+
+    Coordinates are rounded outwards; corners may come in either order.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    lo = np.floor(np.minimum(b[:, :2], b[:, 2:]))
+    hi = np.ceil(np.maximum(b[:, :2], b[:, 2:]))
+    lo = np.clip(lo, 0, hw)
+    hi = np.clip(hi, 0, hw)
+    out = np.concatenate([lo, hi], axis=1).astype(np.int64)
+    return out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])]
+
+
+def crop_windows(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The square window each box is sampled from (float ``y0, x0, side``).
+
+    The window is the box made square around its centre and shifted inside the image; where
+    the side exceeds the image it is centred on the image and the crop is zero-padded. For
+    StS boxes (already square) the window is the box itself.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
+    out = np.empty((len(b), 3), dtype=np.float64)
+    for axis, limit in enumerate(hw):
+        centre = (b[:, axis] + b[:, axis + 2]) / 2.0
+        start = np.clip(np.round(centre - side / 2.0), 0, np.maximum(limit - side, 0))
+        start = np.where(side > limit, (limit - side) / 2.0, start)
+        out[:, axis] = start
+    out[:, 2] = side
+    return out

@@ -1,0 +1,189 @@
+"""The model file: both networks, their architecture and the settings they were trained with.
+
+Layout (a ``torch.save`` zip, read with ``torch.load(weights_only=True)`` so that loading never
+runs code)::
+
+    {"format": "napari-segthenseg/model", "version": 1,
+     "settings": "<json>", "rough": {"arch": "<json>", "state": {...}} | None, "fine": ... | None}
+
+A model with only a rough net is a baseline; one with only a fine net segments boxes by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .boxes import MIN_BOX, default_pad
+from .image import NORMALISATIONS
+from .unet import UNet, build_network
+
+FORMAT = "napari-segthenseg/model"
+VERSION = 1
+DEFAULT_MODEL_NAME = "default"
+
+
+class ModelFileError(ValueError):
+    """A file that is not a usable model (corrupt, foreign, unsafe or from another version)."""
+
+
+@dataclass
+class ModelSettings:
+    """What inference needs to reproduce training conditions, plus provenance."""
+
+    size: int = 64  # network input S (both stages)
+    in_channels: int = 3
+    pad: int | None = None  # box padding k in full-res px; None = S/8
+    min_box: int = MIN_BOX
+    normalisation: str = "minmax"
+    threshold: float = 0.5
+    trained_on: str = ""
+    notes: dict = field(default_factory=dict)  # free-form: command, metrics, wall time
+
+    def __post_init__(self) -> None:
+        if self.pad is None:
+            self.pad = default_pad(self.size)
+        if self.size < 8:
+            raise ValueError(f"input size S={self.size} is too small")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold {self.threshold} must lie in (0, 1)")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSettings:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class StSModel:
+    """A rough and/or a fine network with their settings."""
+
+    settings: ModelSettings
+    rough: UNet | None = None
+    fine: UNet | None = None
+
+    def __post_init__(self) -> None:
+        if self.rough is None and self.fine is None:
+            raise ValueError("a model needs a rough net, a fine net or both")
+        for net in (self.rough, self.fine):
+            if net is None:
+                continue
+            if net.in_channels != self.settings.in_channels:
+                raise ValueError("network channels differ from the settings' in_channels")
+            if self.settings.size % 2**net.depth:
+                raise ValueError(f"S={self.settings.size} is not divisible by 2**depth={2**net.depth}")
+
+    def describe(self) -> str:
+        """One line for the user: stages, S and what it was trained on."""
+        stages = "+".join(s for s, n in (("rough", self.rough), ("fine", self.fine)) if n is not None)
+        s = self.settings
+        text = f"{stages}, S={s.size}, {s.in_channels} ch"
+        return text + (f", trained on {s.trained_on}" if s.trained_on else "")
+
+
+def _net_payload(net: UNet | None, half: bool) -> dict | None:
+    if net is None:
+        return None
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    return {"arch": json.dumps(net.architecture()), "state": state}
+
+
+def save_model(model: StSModel, path: str | os.PathLike, half: bool = False) -> Path:
+    """Write ``model`` atomically (a temp file renamed into place); ``half`` stores fp16 weights."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "settings": model.settings.to_json(),
+        "rough": _net_payload(model.rough, half),
+        "fine": _net_payload(model.fine, half),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_net(entry: object, name: str) -> UNet | None:
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or "arch" not in entry or "state" not in entry:
+        raise ModelFileError(f"model file: '{name}' network entry is malformed")
+    try:
+        net = build_network(json.loads(entry["arch"]))
+        state = {k: v.float() if v.is_floating_point() else v for k, v in entry["state"].items()}
+        net.load_state_dict(state)
+    except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"model file: '{name}' network does not load: {exc}") from exc
+    return net.eval()
+
+
+def bundled_model_path() -> Path:
+    """Where the default model ships inside the package."""
+    return Path(str(resources.files("napari_segthenseg") / "data" / "default_model.pt"))
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``"default"`` names the bundled model; anything else is a file path."""
+    if str(path) == DEFAULT_MODEL_NAME:
+        p = bundled_model_path()
+        if not p.is_file():
+            raise FileNotFoundError("no bundled default model is installed with this package")
+        return p
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"model file not found: {p}")
+    return p
+
+
+def load_model(path: str | os.PathLike) -> StSModel:
+    """Load a model file (or ``"default"``) without executing any code; raise ModelFileError."""
+    p = resolve_model_path(path)
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{p} was refused: it is not a napari-segthenseg model or it holds objects that "
+            f"would run code when loaded ({exc.__class__.__name__})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelFileError(f"{p} is not a readable model file (corrupt or truncated?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{p} is not a napari-segthenseg model file")
+    if payload.get("version") != VERSION:
+        raise ModelFileError(
+            f"{p} has model format version {payload.get('version')!r}; this release reads {VERSION}")
+    try:
+        settings = ModelSettings.from_json(payload["settings"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{p}: settings are unreadable: {exc}") from exc
+    try:
+        return StSModel(settings, _read_net(payload.get("rough"), "rough"),
+                        _read_net(payload.get("fine"), "fine"))
+    except ModelFileError:
+        raise
+    except ValueError as exc:
+        raise ModelFileError(f"{p}: {exc}") from exc
