@@ -1,0 +1,209 @@
+"""Data folders: ``images/`` + ``masks/`` with matching stems, splits, and image reading.
+
+Everything is validated and decoded up front (in a thread pool) and kept in memory, so a bad
+file stops a run before any training starts and no PNG is decoded twice per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import tifffile
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test when there is no splits.json
+MAX_LISTED_PROBLEMS = 10
+
+
+class DataError(ValueError):
+    """A data folder or file cannot be used; the message names the offending file."""
+
+
+@dataclass
+class Sample:
+    """One decoded image and its foreground mask."""
+
+    stem: str
+    image: np.ndarray  # (H, W) or (H, W, 3), original dtype, alpha dropped
+    mask: np.ndarray  # bool (H, W): anything > 0 is foreground
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode a png/jpg/tif as ``(H, W)`` or ``(H, W, 3)`` in its own dtype; alpha is dropped.
+
+    Raises :class:`DataError` naming the file when it cannot be decoded or is not a 2D image.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = tifffile.imread(path)
+        else:
+            arr = iio.imread(path)
+    except Exception as exc:  # decoders raise many types; all mean "unreadable"
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] > 4:
+        arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
+    if arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray, gray + alpha
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        arr = arr[..., :3]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise DataError(f"{path}: shape {arr.shape} is not a 2D gray or RGB image")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path}: pixel type {arr.dtype} is not numeric")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"{path}: contains NaN or infinite values")
+    return arr
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Decode a mask (binary or instance labels) as bool ``(H, W)``: anything > 0 is foreground."""
+    arr = read_image(path)
+    return (arr > 0).any(axis=2) if arr.ndim == 3 else arr > 0
+
+
+def _stem_map(folder: Path) -> dict[str, Path]:
+    """Image files of ``folder`` by stem; two files with one stem are ambiguous."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not is_image_file(p):
+            continue
+        if p.stem in found:
+            raise DataError(f"{p}: same name as {found[p.stem].name}; keep one file per stem")
+        found[p.stem] = p
+    return found
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files named by ``inputs`` (files, or folders whose image files are taken, sorted).
+
+    A path that does not exist raises :class:`DataError`; decoding is left to the caller.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(q for q in sorted(p.iterdir()) if is_image_file(q))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def _pairs(root: Path) -> dict[str, tuple[Path, Path | None]]:
+    """``stem -> (image, mask or None)`` for a data folder."""
+    root = Path(root)
+    img_dir, mask_dir = root / "images", root / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DataError(f"{d}: folder not found (a data folder holds images/ and masks/)")
+    images, masks = _stem_map(img_dir), _stem_map(mask_dir)
+    if not images:
+        raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return {s: (p, masks.get(s)) for s, p in images.items()}
+
+
+def _seeded_split(stems: Sequence[str], seed: int) -> dict[str, list[str]]:
+    order = sorted(stems)
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_train = int(round(SPLIT_FRACTIONS[0] * len(order)))
+    n_val = int(round(SPLIT_FRACTIONS[1] * len(order)))
+    picked = [order[i] for i in perm]
+    return {
+        "train": sorted(picked[:n_train]),
+        "val": sorted(picked[n_train:n_train + n_val]),
+        "test": sorted(picked[n_train + n_val:]),
+    }
+
+
+def has_splits_file(root: str | os.PathLike) -> bool:
+    return (Path(root) / "splits.json").is_file()
+
+
+def load_splits(root: str | os.PathLike, seed: int = 2022) -> dict[str, list[str]]:
+    """``splits.json`` (any subset of train/val/test) or a seeded 80/10/10 split by sorted stem.
+
+    Every listed stem must have an image, so a typo fails here and not mid-run.
+    """
+    root = Path(root)
+    stems = _pairs(root)
+    path = root / "splits.json"
+    if not path.is_file():
+        return _seeded_split(list(stems), seed)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, list) and all(isinstance(s, str) for s in v) for v in raw.values()
+    ):
+        raise DataError(f'{path}: expected {{"train": [...], "val": [...], "test": [...]}} (lists of stems)')
+    splits: dict[str, list[str]] = {}
+    for name, ids in raw.items():
+        missing = [s for s in ids if s not in stems]
+        if missing:
+            raise DataError(f"{path}: split {name!r} names {len(missing)} stem(s) with no file in "
+                            f"{root / 'images'}, e.g. {missing[0]!r}")
+        splits[name] = list(ids)
+    return splits
+
+
+def _load_pair(stem: str, img_path: Path, mask_path: Path | None) -> Sample:
+    if mask_path is None:
+        raise DataError(f"{img_path}: no mask named {stem}.* in {img_path.parent.parent / 'masks'}")
+    image = read_image(img_path)
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape[:2]:
+        raise DataError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but image {img_path.name} "
+                        f"is {image.shape[0]}x{image.shape[1]}")
+    return Sample(stem, image, mask)
+
+
+def load_samples(root: str | os.PathLike, split: str | None, seed: int = 2022,
+                 workers: int | None = None) -> list[Sample]:
+    """Decode and validate every image/mask of ``split`` (all images when ``None``), in stem order.
+
+    All problems are collected first and raised as one :class:`DataError` naming the files, so
+    nothing starts with half a data set.
+    """
+    root = Path(root)
+    pairs = _pairs(root)
+    if split is None:
+        stems = sorted(pairs)
+    else:
+        splits = load_splits(root, seed)
+        if split not in splits:
+            raise DataError(f"{root}: no split {split!r}; available: {', '.join(sorted(splits)) or 'none'}")
+        stems = splits[split]
+        if not stems:
+            raise DataError(f"{root}: split {split!r} is empty")
+    workers = workers or min(8, os.cpu_count() or 1)
+
+    def job(stem: str) -> Sample | DataError:
+        try:
+            return _load_pair(stem, *pairs[stem])
+        except DataError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(job, stems))
+    problems = [r for r in results if isinstance(r, DataError)]
+    if problems:
+        shown = "\n  ".join(str(p) for p in problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise DataError(f"{len(problems)} problem(s) in {root}:\n  {shown}{tail}")
+    return [r for r in results if isinstance(r, Sample)]
