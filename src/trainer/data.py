@@ -51,7 +51,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         else:
             arr = iio.imread(path)
     except Exception as exc:  # decoders raise many types; all mean "unreadable"
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+        first = (str(exc).splitlines() or [""])[0]  # decoders append install hints; keep the cause
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {first})") from exc
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] > 4:
         arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
