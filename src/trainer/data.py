@@ -45,14 +45,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises :class:`DataError` naming the file when it cannot be decoded or is not a 2D image.
     """
     path = Path(path)
+    is_tiff = path.suffix.lower() in (".tif", ".tiff")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = tifffile.imread(path)
-        else:
-            arr = iio.imread(path)
+        # One named decoder per format: no probing of every imageio plugin on a broken file.
+        arr = tifffile.imread(path) if is_tiff else iio.imread(path, plugin="pillow")
     except Exception as exc:  # decoders raise many types; all mean "unreadable"
-        first = (str(exc).splitlines() or [""])[0]  # decoders append install hints; keep the cause
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {first})") from exc
+        first = (str(exc).splitlines() or [""])[0]
+        kind = "TIFF" if is_tiff else path.suffix.lstrip(".").upper()
+        raise DataError(f"{path}: cannot read image, not a readable {kind} file "
+                        f"({type(exc).__name__}: {first})") from exc
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] > 4:
         arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
