@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up napari-segthenseg in ./.venv: system libraries for Qt/Xvfb (Debian/Ubuntu), a venv, the
+# project with its Qt binding and test tools. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0 libxcb-image0 libxcb-render-util0
+  libxcb-xinerama0 libxcb-cursor0 libxcb-shape0 libxcb-randr0 libxcb-xfixes0 libgl1 libegl1 libfontconfig1 libdbus-1-3"
+if command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  if [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; then
+    echo "== installing system libraries (apt)"
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $APT_PACKAGES >/dev/null
+  else
+    echo "!! not root and no sudo: make sure these are installed: $APT_PACKAGES"
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || { echo "== creating .venv"; "$PY" -m venv .venv; }
+echo "== installing napari-segthenseg[qt,dev]"
+# torch first and pinned: the project allows torch<=2.13.0, which keeps pip on the CPU wheel.
+.venv/bin/python -m pip install -q "torch>=2.3,<=2.13.0"
+.venv/bin/python -m pip install -q -e ".[qt,dev]"
+echo "== ready: .venv/bin/segthenseg-demo (napari) or .venv/bin/python -m pytest (tests)"
