@@ -1,0 +1,130 @@
+"""segthenseg-eval on three real dsb2018 images with a tiny random model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model
+from napari_segthenseg.engine import Engine, load_model, save_model
+from napari_segthenseg.engine import modelfile as modelfile_mod
+from trainer.data import read_image, read_mask
+from trainer.evaluate import main
+from trainer.metrics import METRICS, scores
+
+
+@pytest.fixture(scope="module")
+def small_set(dsb_dir: Path, tmp_path_factory) -> Path:
+    """Three real images (one train, two val) in their own data folder with a splits.json."""
+    ids = json.loads((dsb_dir / "splits.json").read_text())["val"][:3]
+    root = tmp_path_factory.mktemp("dsb3")
+    for sub in ("images", "masks"):
+        (root / sub).mkdir()
+        for i in ids:
+            shutil.copy(dsb_dir / sub / f"{i}.png", root / sub / f"{i}.png")
+    (root / "splits.json").write_text(json.dumps({"train": ids[:1], "val": ids[1:]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return save_model(make_tiny_model(32), tmp_path_factory.mktemp("m") / "tiny.pt")
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_val_split_files_and_values(small_set, model_file, tmp_path, capsys):
+    out_json, out_csv = tmp_path / "o" / "s.json", tmp_path / "o" / "rows.csv"
+    assert main([str(model_file), str(small_set), "--json", str(out_json), "--csv", str(out_csv),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "split 'val', 2 image(s)" in printed and "±" in printed and "StS" in printed
+    summary = json.loads(out_json.read_text())
+    assert summary["n_images"] == 2 and summary["size"] == 32 and summary["split"] == "val"
+    rows = read_rows(out_csv)
+    val_ids = json.loads((small_set / "splits.json").read_text())["val"]
+    assert [r["stem"] for r in rows] == val_ids
+    engine = Engine(load_model(model_file), "cpu")
+    for method in ("baseline", "sts"):
+        s = summary[method]
+        for m in METRICS:
+            values = [float(r[f"{method}_{m}"]) for r in rows]
+            assert s[m] == pytest.approx(np.mean(values)) and 0 <= s[m] <= 1
+            assert s[f"{m}_std"] == pytest.approx(np.std(values))
+        assert {"empty_pred", "both_empty"} <= set(s)
+    for r in rows:  # StS metrics equal a fresh one-call segmentation scored here
+        image = read_image(small_set / "images" / f"{r['stem']}.png")
+        gt = read_mask(small_set / "masks" / f"{r['stem']}.png")
+        result = engine.segment(image)
+        expected = scores(result.mask, gt)
+        assert [float(r[f"sts_{m}"]) for m in METRICS] == pytest.approx([expected[m] for m in METRICS])
+        assert int(r["n_boxes"]) == len(result.boxes)
+        assert (int(r["height"]), int(r["width"])) == gt.shape
+        assert int(r["gt_pixels"]) == int(gt.sum())
+        base = engine.baseline(result.rough, gt.shape)
+        assert float(r["baseline_dsc"]) == pytest.approx(scores(base, gt)["dsc"])
+
+
+def test_eval_all_images_without_splits_and_named_split(small_set, model_file, tmp_path, capsys):
+    root = tmp_path / "nosplits"
+    shutil.copytree(small_set, root)
+    (root / "splits.json").unlink()
+    out = tmp_path / "s.json"
+    assert main([str(model_file), str(root), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 3
+    assert "all images (no splits.json)" in capsys.readouterr().out
+    assert main([str(model_file), str(small_set), "--split", "train", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 1
+
+
+def test_empty_ground_truth_is_reported(tmp_path, model_file):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, fg in enumerate((False, True)):
+        iio.imwrite(root / "images" / f"{i}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        mask = np.zeros((40, 48), np.uint8)
+        mask[10:20, 5:30] = fg
+        iio.imwrite(root / "masks" / f"{i}.png", mask)
+    out = tmp_path / "s.json"
+    assert main([str(model_file), str(root), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert s["empty_gt"] == 1
+    for method in ("baseline", "sts"):
+        assert 0 <= s[method]["both_empty"] <= min(1, s[method]["empty_pred"])
+
+
+def test_default_model_name(small_set, model_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(modelfile_mod, "bundled_model_path", lambda: tmp_path / "absent.pt")
+    assert main(["default", str(small_set)]) == 2
+    assert "no bundled default model" in capsys.readouterr().err
+    monkeypatch.setattr(modelfile_mod, "bundled_model_path", lambda: model_file)
+    assert main(["default", str(small_set)]) == 0
+
+
+def test_clear_errors_write_nothing(small_set, tmp_path, capsys):
+    rough_only = save_model(make_tiny_model(32, fine=False), tmp_path / "rough.pt")
+    out = tmp_path / "s.json"
+    assert main([str(rough_only), str(small_set), "--json", str(out)]) == 2
+    assert "no fine network" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(small_set, bad)
+    victim = sorted((bad / "masks").iterdir())[1]
+    iio.imwrite(victim, np.zeros((7, 7), np.uint8))
+    good = save_model(make_tiny_model(32), tmp_path / "good.pt")
+    assert main([str(good), str(bad), "--json", str(out)]) == 2
+    assert victim.name in capsys.readouterr().err
+    assert main([str(good), str(small_set), "--split", "test"]) == 2
+    assert "no split 'test'" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.pt"), str(small_set)]) == 2
+    assert not out.exists()
