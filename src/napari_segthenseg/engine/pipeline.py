@@ -22,6 +22,8 @@ from .modelfile import StSModel
 from .unet import UNet
 
 BYTES_PER_ACTIVATION = 4 * 12  # fp32 bytes x live feature maps per pixel and base feature
+# cuDNN and oneDNN convolutions run faster on NHWC; on the CPU here by 1.2-1.5x (docs/BENCHMARKS.md).
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
 @dataclass
@@ -55,8 +57,10 @@ class Engine:
         self.settings = model.settings
         self.device = resolve_device(device)
         self.memory_bytes = float(memory_mb) * 2**20
-        # Half precision only on GPUs; the CPU path stays fp32 and deterministic.
+        # Half precision by default only on GPUs; the CPU path stays fp32 and deterministic
+        # unless asked (then bfloat16, which CPUs run natively and float16 they do not).
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         self.rough_net = self._place(model.rough)
         self.fine_net = self._place(model.fine)
         self.timings: dict[str, float] = {}
@@ -65,7 +69,7 @@ class Engine:
         if net is None:
             return None
         net = net.to(self.device).eval()
-        if self.device.type == "cuda":
+        if self.device.type in CHANNELS_LAST_DEVICES:
             net = net.to(memory_format=torch.channels_last)
         return net
 
@@ -83,10 +87,10 @@ class Engine:
         s = self.settings.size
         per_item = s * s * net.width * BYTES_PER_ACTIVATION
         chunk = max(1, int(self.memory_bytes // per_item))
-        if self.device.type == "cuda":
+        if self.device.type in CHANNELS_LAST_DEVICES:
             x = x.contiguous(memory_format=torch.channels_last)
         outs = []
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             for i in range(0, x.shape[0], chunk):
                 outs.append(torch.sigmoid(net(x[i:i + chunk]).float())[:, 0])
         return torch.cat(outs) if outs else x.new_zeros((0, s, s))
