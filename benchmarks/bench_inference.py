@@ -131,6 +131,7 @@ def paper_net(engine: Engine) -> torch.nn.Module:
     return copy.deepcopy(engine.fine_net).to(memory_format=torch.contiguous_format).eval()
 
 
+@torch.inference_mode()
 def loop_fine(engine: Engine, net: torch.nn.Module, image: np.ndarray, boxes: np.ndarray,
               stats: NormStats, net_time: list[float]) -> np.ndarray:
     """The authors' fine stage: one crop at a time, host <-> device round trip for each."""
@@ -160,8 +161,7 @@ def run_loop(engine: Engine, net: torch.nn.Module, src: ImageSource, item: Item,
     """(c): the engine's rough pass and boxes (the same as (b)), then the per-crop loop."""
     rough = engine.rough(src)
     boxes = engine.boxes(rough.mask if item.box_mask is None else item.box_mask, src.hw)
-    with torch.inference_mode():
-        return loop_fine(engine, net, item.image, boxes, rough.stats, net_time), boxes
+    return loop_fine(engine, net, item.image, boxes, rough.stats, net_time), boxes
 
 
 # -- timing ----------------------------------------------------------------------------------
