@@ -21,8 +21,11 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || { echo "== creating .venv"; "$PY" -m venv .venv; }
+pip_install() {  # pip, minus this machine's harmless "Location ... is ignored" index warnings
+  .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
 echo "== installing napari-segthenseg[qt,dev]"
 # torch first and pinned: the project allows torch<=2.13.0, which keeps pip on the CPU wheel.
-.venv/bin/python -m pip install -q "torch>=2.3,<=2.13.0"
-.venv/bin/python -m pip install -q -e ".[qt,dev]"
+pip_install "torch>=2.3,<=2.13.0"
+pip_install -e ".[qt,dev]"
 echo "== ready: .venv/bin/segthenseg-demo (napari) or .venv/bin/python -m pytest (tests)"
