@@ -1,0 +1,1 @@
+"""Headless training, evaluation and batch prediction for napari-segthenseg (no napari import)."""

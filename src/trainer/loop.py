@@ -1,0 +1,350 @@
+"""The training run: data preparation, both stages, validation, checkpoints and the model file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from napari_segthenseg.engine import (
+    ModelSettings,
+    StSModel,
+    UNet,
+    count_parameters,
+    default_pad,
+    load_model,
+    save_model,
+)
+
+from . import distributed as ddp
+from .augment import augment_batch
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_compatible,
+    config_json,
+    load_checkpoint,
+    save_checkpoint,
+    write_metrics_csv,
+)
+from .config import HOLDOUT_FRACTION, RESUME_KEYS, TrainConfig
+from .data import DataError, Sample, load_samples
+from .gtcrops import FineData, Prepared, RoughData, fixed_crops, network_channels, prepare
+from .losses import dice_per_item, soft_dice_loss
+
+MODEL_NAME = "model.pt"
+LOG_NAME = "train.log"
+METRICS_NAME = "metrics.csv"
+VAL_BATCH = 64
+log = logging.getLogger("trainer")
+
+
+def setup_logging(out: Path, is_main: bool) -> None:
+    """Rank 0 logs to stderr and ``train.log``; other ranks only log warnings."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if is_main:
+        handlers.append(logging.FileHandler(out / LOG_NAME))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def split_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], str]:
+    """Training samples, checkpoint-selection samples and a description of the selection set.
+
+    ``holdout`` keeps a seeded 10 % of the train split out of training for choosing checkpoints,
+    so the val split stays unseen for reporting; ``val`` selects on the val split (the paper's way).
+    """
+    train = load_samples(cfg.data, "train", cfg.seed)
+    if cfg.select_on == "val":
+        return train, load_samples(cfg.data, "val", cfg.seed), "the val split"
+    if len(train) < 2:
+        raise DataError(f"{cfg.data}: the train split has {len(train)} image(s); a holdout needs at least 2 "
+                        "(or use --select-on val)")
+    order = sorted(range(len(train)), key=lambda i: train[i].stem)
+    perm = np.random.default_rng(cfg.seed).permutation(len(order))
+    n_hold = max(1, int(round(HOLDOUT_FRACTION * len(order))))
+    hold = {order[i] for i in perm[:n_hold]}
+    picked = [s for i, s in enumerate(train) if i in hold]
+    kept = [s for i, s in enumerate(train) if i not in hold]
+    return kept, picked, f"a {HOLDOUT_FRACTION:.0%} holdout of the train split (seed {cfg.seed})"
+
+
+def epoch_seed(cfg: TrainConfig, stage: str, epoch: int, rank: int) -> int:
+    """Every epoch draws from its own seed, so a resumed run repeats exactly what was lost."""
+    return (cfg.seed * 1_000_003 + (0 if stage == "rough" else 500_009) + epoch * 1009 + rank) % 2**63
+
+
+class Run:
+    """One ``segthenseg-train`` run (single process or one rank of a torchrun job)."""
+
+    def __init__(self, cfg: TrainConfig, info: ddp.DistInfo):
+        self.cfg, self.info = cfg, info
+        self.out = cfg.out
+        self.pad = cfg.pad if cfg.pad is not None else default_pad(cfg.size)
+        self.metrics: list[dict] = []
+        self.best: dict[str, dict | None] = {"rough": None, "fine": None}
+        self.nets: dict[str, UNet | None] = {"rough": None, "fine": None}
+        self.wall_before = 0.0
+        self.t0 = time.perf_counter()
+
+    # -- data ----------------------------------------------------------------------------
+    def load_data(self) -> None:
+        cfg = self.cfg
+        t = time.perf_counter()
+        train, select, self.select_desc = split_samples(cfg)
+        self.channels = network_channels(train + select)
+        prep = lambda s: prepare(s, cfg.size, self.channels, cfg.normalisation, cfg.min_box)  # noqa: E731
+        self.train_items: list[Prepared] = [prep(s) for s in train]
+        self.select_items: list[Prepared] = [prep(s) for s in select]
+        log.info("data %s: %d training images, selection on %s (%d images), %d channel(s); "
+                 "prepared in %.1f s", cfg.data, len(train), self.select_desc, len(select), self.channels,
+                 time.perf_counter() - t)
+
+    def validation_set(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of the selection set for ``stage`` (S x S images or fixed crops)."""
+        cfg = self.cfg
+        if stage == "rough":
+            data = RoughData(self.select_items)
+            x, y = data.x, data.y
+        else:
+            x, y = fixed_crops(self.select_items, cfg.size, self.channels, self.pad, cfg.min_box,
+                               cfg.val_crops_per_image, cfg.seed)
+        r, w = self.info.rank, self.info.world
+        return x[r::w], y[r::w]
+
+    # -- networks and files --------------------------------------------------------------
+    def new_net(self) -> UNet:
+        return UNet(self.channels, self.cfg.width, self.cfg.depth)
+
+    def init_fine(self) -> UNet:
+        """The fine net starts from the best rough weights (transfer), else from ``--init``."""
+        if self.best["rough"] is not None:
+            net = self.new_net()
+            net.load_state_dict(self.best["rough"]["state"])
+            return net
+        if self.nets["rough"] is not None:
+            return copy.deepcopy(self.nets["rough"])
+        log.warning("no rough net to start the fine net from (give --init MODEL); random start")
+        return self.new_net()
+
+    def load_init(self) -> None:
+        """``--init MODEL``: its rough net starts the fine stage and ships in the output model."""
+        if self.cfg.init is None:
+            return
+        model = load_model(self.cfg.init)
+        s = model.settings
+        if s.size != self.cfg.size or s.in_channels != self.channels:
+            raise ValueError(f"--init {self.cfg.init}: S={s.size}, {s.in_channels} channels; this run needs "
+                             f"S={self.cfg.size}, {self.channels} channels")
+        self.nets["rough"] = model.rough or model.fine
+        if self.nets["rough"] is not None and (self.nets["rough"].width, self.nets["rough"].depth) != (
+                self.cfg.width, self.cfg.depth):
+            raise ValueError(f"--init {self.cfg.init}: network width/depth differ from --width/--depth")
+
+    def best_or_current(self, stage: str) -> UNet | None:
+        b = self.best[stage]
+        if b is None:
+            return self.nets[stage]
+        net = self.new_net()
+        net.load_state_dict(b["state"])
+        return net.eval()
+
+    def write_model(self) -> Path:
+        cfg = self.cfg
+        notes = {
+            "command": cfg.command, "select_on": cfg.select_on, "selection_set": self.select_desc,
+            "train_images": len(self.train_items), "selection_images": len(self.select_items),
+            "width": cfg.width, "depth": cfg.depth, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "epochs": {s: cfg.epochs_for(s) for s in cfg.stages}, "seed": cfg.seed,
+            "augment": cfg.augment, "wall_s": round(self.wall(), 1), "world_size": self.info.world,
+            "best": {s: {"epoch": b["epoch"], "dice": b["dice"]} for s, b in self.best.items() if b},
+        }
+        settings = ModelSettings(size=cfg.size, in_channels=self.channels, pad=self.pad, min_box=cfg.min_box,
+                                 normalisation=cfg.normalisation, trained_on=f"{cfg.data.name} train split",
+                                 notes=notes)
+        model = StSModel(settings, self.best_or_current("rough"), self.best_or_current("fine"))
+        return save_model(model, self.out / MODEL_NAME)
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
+    def checkpoint(self, stage: str, epoch: int, opt: torch.optim.Optimizer) -> None:
+        state = {
+            "config": config_json(self.cfg.as_dict()), "channels": self.channels,
+            "stage": stage, "epoch": epoch, "optimizer": opt.state_dict(),
+            "nets": {k: (n.state_dict() if n is not None else None) for k, n in self.nets.items()},
+            "best": self.best, "metrics": json.dumps(self.metrics), "wall_s": self.wall(),
+        }
+        save_checkpoint(self.out, state)
+        write_metrics_csv(self.out / METRICS_NAME, self.metrics)
+
+    def restore(self, ckpt: dict) -> tuple[str, int, dict]:
+        """Load nets, best weights and metrics; return (stage, finished epoch, optimizer state)."""
+        saved = json.loads(ckpt["config"])
+        check_compatible(saved, self.cfg.as_dict(), RESUME_KEYS)
+        if ckpt["channels"] != self.channels:
+            raise CheckpointError(f"checkpoint has {ckpt['channels']} channels, the data {self.channels}")
+        for k, state in ckpt["nets"].items():
+            if state is not None:
+                self.nets[k] = self.new_net() if self.nets[k] is None else self.nets[k]
+                self.nets[k].load_state_dict(state)
+        self.best = ckpt["best"]
+        self.metrics = json.loads(ckpt["metrics"])
+        self.wall_before = float(ckpt["wall_s"])
+        return ckpt["stage"], int(ckpt["epoch"]), ckpt["optimizer"]
+
+    # -- one stage -----------------------------------------------------------------------
+    def loader(self, stage: str) -> tuple[DataLoader, DistributedSampler]:
+        cfg = self.cfg
+        if stage == "rough":
+            data, workers = RoughData(self.train_items), 0  # cached tensors: nothing to parallelise
+        else:
+            data, workers = FineData(self.train_items, cfg.size, self.channels, self.pad), cfg.workers
+        sampler = DistributedSampler(data, num_replicas=self.info.world, rank=self.info.rank, shuffle=True,
+                                     seed=cfg.seed)
+        return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                          persistent_workers=False), sampler
+
+    @torch.no_grad()
+    def validate(self, net: UNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Mean soft-Dice loss and mean hard Dice (threshold 0.5) over the whole selection set."""
+        net.eval()
+        loss_sum, dice_sum = 0.0, 0.0
+        for i in range(0, len(x), VAL_BATCH):
+            xb, yb = x[i:i + VAL_BATCH].to(self.info.device), y[i:i + VAL_BATCH].to(self.info.device)
+            logits = net(xb)
+            loss_sum += float(soft_dice_loss(logits, yb)) * len(xb)
+            dice_sum += float(dice_per_item(logits >= 0, yb >= 0.5).sum())
+        loss_sum, dice_sum, n = ddp.all_sum([loss_sum, dice_sum, float(len(x))], self.info)
+        return loss_sum / max(n, 1), dice_sum / max(n, 1)
+
+    def train_epoch(self, stage: str, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    loader: DataLoader, sampler: DistributedSampler) -> dict:
+        cfg, dev = self.cfg, self.info.device
+        sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(cfg, stage, epoch, self.info.rank))
+        model.train()
+        loss_sum, items, data_s, net_s = 0.0, 0, 0.0, 0.0
+        bar = tqdm(total=len(loader), desc=f"{stage} {epoch}/{cfg.epochs_for(stage)}", leave=False,
+                   disable=not (self.info.is_main and sys.stderr.isatty()), unit="batch")
+        t = time.perf_counter()
+        for x, y in loader:
+            if cfg.augment:
+                x, y = augment_batch(x, y)
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            t_net = time.perf_counter()
+            data_s += t_net - t
+            loss = soft_dice_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(x)
+            items += len(x)
+            t = time.perf_counter()
+            net_s += t - t_net
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        bar.close()
+        loss_sum, n = ddp.all_sum([loss_sum, float(items)], self.info)
+        return {"train_loss": loss_sum / max(n, 1), "train_items": int(n), "data_s": data_s, "net_s": net_s}
+
+    def run_stage(self, stage: str, start: int, opt_state: dict | None) -> None:
+        cfg, info = self.cfg, self.info
+        epochs = cfg.epochs_for(stage)
+        if start >= epochs:
+            return
+        if self.nets[stage] is None:
+            self.nets[stage] = self.new_net() if stage == "rough" else self.init_fine()
+        net = self.nets[stage].to(info.device)
+        model = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda"
+                                        else None) if info.active else net
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        loader, sampler = self.loader(stage)
+        vx, vy = self.validation_set(stage)
+        log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, batch %d x %d process(es), %s",
+                 stage, start + 1, epochs, count_parameters(net), len(vx) * info.world, cfg.batch_size,
+                 info.world, info.device)
+        for epoch in range(start + 1, epochs + 1):
+            t = time.perf_counter()
+            row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
+            row["val_loss"], row["val_dice"] = self.validate(net, vx, vy)
+            seconds = time.perf_counter() - t
+            best = self.best[stage]
+            improved = best is None or row["val_dice"] > best["dice"]
+            if improved:
+                state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                self.best[stage] = best = {"epoch": epoch, "dice": row["val_dice"], "state": state}
+            self.metrics.append({
+                "stage": stage, "epoch": epoch, "train_loss": round(row["train_loss"], 6),
+                "val_loss": round(row["val_loss"], 6), "val_dice": round(row["val_dice"], 6),
+                "best_dice": round(best["dice"], 6), "best_epoch": best["epoch"], "lr": cfg.lr,
+                "train_items": row["train_items"], "seconds": round(seconds, 3),
+                "data_s": round(row["data_s"], 3), "net_s": round(row["net_s"], 3),
+                "items_per_s": round(row["train_items"] / max(row["net_s"] + row["data_s"], 1e-9), 2),
+            })
+            if info.is_main:
+                if improved:
+                    self.write_model()
+                self.checkpoint(stage, epoch, opt)
+            ddp.barrier(info)
+            log.info("%s epoch %d/%d: loss %.4f, val loss %.4f, val Dice %.4f%s (best %.4f @ %d), %.1f s",
+                     stage, epoch, epochs, row["train_loss"], row["val_loss"], row["val_dice"],
+                     " *" if improved else "", best["dice"], best["epoch"], seconds)
+        net.cpu()
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run ``segthenseg-train``; returns the path of the written model file."""
+    info = ddp.setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        if info.is_main:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume and (cfg.out / CHECKPOINT_NAME).exists():
+                raise CheckpointError(f"{cfg.out} already holds a training run; add --resume to continue it "
+                                      "or choose another --out")
+        ddp.barrier(info)
+        setup_logging(cfg.out, info.is_main)
+        run = Run(cfg, info)
+        log.info("segthenseg-train: %s", cfg.command or cfg.as_dict())
+        run.load_data()
+        run.load_init()
+        ckpt = load_checkpoint(cfg.out) if cfg.resume else None
+        done_stage, done_epoch, opt_state = None, 0, None
+        if cfg.resume and ckpt is None:
+            log.warning("--resume: no checkpoint in %s; starting from the beginning", cfg.out)
+        elif ckpt is not None:
+            done_stage, done_epoch, opt_state = run.restore(ckpt)
+            log.info("resuming after %s epoch %d (%.0f s trained so far)", done_stage, done_epoch,
+                     run.wall_before)
+        stages = cfg.stages
+        for i, stage in enumerate(stages):
+            if done_stage is not None and i < stages.index(done_stage):
+                continue
+            same = stage == done_stage
+            run.run_stage(stage, done_epoch if same else 0, opt_state if same else None)
+        path = cfg.out / MODEL_NAME
+        if info.is_main:
+            path = run.write_model()
+            log.info("wrote %s (%.0f s of training); metrics in %s", path, run.wall(), cfg.out / METRICS_NAME)
+        ddp.barrier(info)
+        return path
+    finally:
+        ddp.cleanup(info)
