@@ -323,6 +323,7 @@ def train(cfg: TrainConfig) -> Path:
         ddp.barrier(info)
         setup_logging(cfg.out, info.is_main)
         run = Run(cfg, info)
+        torch.manual_seed(cfg.seed)  # initial weights; every epoch then reseeds (epoch_seed)
         log.info("segthenseg-train: %s", cfg.command or cfg.as_dict())
         run.load_data()
         run.load_init()
