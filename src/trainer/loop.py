@@ -277,9 +277,10 @@ class Run:
             opt.load_state_dict(opt_state)
         loader, sampler = self.loader(stage)
         vx, vy = self.validation_set(stage)
+        n_val = int(ddp.all_sum([float(len(vx))], info)[0])
         log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, batch %d x %d process(es), %s",
-                 stage, start + 1, epochs, count_parameters(net), len(vx) * info.world, cfg.batch_size,
-                 info.world, info.device)
+                 stage, start + 1, epochs, count_parameters(net), n_val, cfg.batch_size, info.world,
+                 info.device)
         for epoch in range(start + 1, epochs + 1):
             t = time.perf_counter()
             row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
