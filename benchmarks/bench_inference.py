@@ -200,6 +200,18 @@ def bench_image(engine: Engine, loop_net: torch.nn.Module, item: Item, repeats: 
     return row
 
 
+def amp_agreement(engine: Engine, items: list[Item]) -> list[float]:
+    """Dice between the engine's mixed-precision StS masks and fp32 ones, per image (untimed)."""
+    m = engine.model
+    fp32 = StSModel(m.settings, copy.deepcopy(m.rough), copy.deepcopy(m.fine))
+    ref = Engine(fp32, engine.device, amp=False)
+    out = []
+    for it in items:
+        src = ImageSource(it.image)
+        out.append(dice(run_sts(engine, src, it)[0], run_sts(ref, src, it)[0]))
+    return out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -283,6 +295,9 @@ def markdown(res: dict) -> str:
         f"Peak RSS {res['peak_rss_mb']:.0f} MB"
         + (f", peak GPU memory {res['peak_gpu_mb']:.0f} MB." if "peak_gpu_mb" in res else "."),
     ]
+    if "amp_vs_fp32_dice_median" in res:
+        lines.append(f"Mixed-precision vs fp32 StS masks: Dice median {res['amp_vs_fp32_dice_median']:.4f}, "
+                     f"min {res['amp_vs_fp32_dice_min']:.4f}.")
     return "\n".join(lines)
 
 
@@ -336,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(items, desc="images", file=sys.stderr)
     rows = [bench_image(engine, loop_net, it, args.repeats) for it in progress]
     res = summarise(rows, engine, args, boxes_from)
+    if engine.amp:
+        agree = amp_agreement(engine, items)
+        res.update(amp_vs_fp32_dice_median=statistics.median(agree), amp_vs_fp32_dice_min=min(agree))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
     print(markdown(res))
