@@ -31,11 +31,19 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from napari_segthenseg.engine import UNet, count_parameters, default_pad, resolve_device
 from trainer.augment import augment_batch
-from trainer.data import load_samples
+from trainer.data import Sample, list_images, load_splits, read_image, read_mask
 from trainer.gtcrops import FineData, RoughData, network_channels, prepare
 from trainer.losses import soft_dice_loss
 
 PARTS = ("data", "augment", "forward", "backward")
+
+
+def load_first(root: Path, n: int) -> list[Sample]:
+    """The first ``n`` train images (decoding only those)."""
+    stems = set(load_splits(root)["train"][:n])
+    masks = {p.stem: p for p in list_images([root / "masks"])}
+    return [Sample(p.stem, read_image(p), read_mask(masks[p.stem]))
+            for p in list_images([root / "images"]) if p.stem in stems]
 
 
 def time_stage(data, net: UNet, args: argparse.Namespace, device: torch.device) -> dict:
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(2022)
 
     t = time.perf_counter()
-    samples = load_samples(args.data, "train")[: args.images]
+    samples = load_first(args.data, args.images)
     t_decode = time.perf_counter() - t
     channels = network_channels(samples)
     t = time.perf_counter()
