@@ -1,0 +1,122 @@
+"""The plugin's background work, as generators that ``thread_worker`` runs (no Qt here).
+
+Each job yields ``Progress`` between steps, so a Cancel takes effect at the next step and the
+progress bar moves; its return value is what the widget turns into layers. A job builds and
+owns one :class:`~napari_segthenseg.engine.Engine` (engines are not thread-safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._layers import labels_from_mask
+from .engine import Engine, NormStats, RoughResult, StSModel
+
+Box = tuple[int, int, int, int]
+EngineFactory = Callable[[StSModel, str], Engine]
+REFINE_CHUNK = 64  # boxes per fine batch between cancel points (one batch for most images)
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: str
+    done: int
+    total: int
+
+
+@dataclass
+class JobResult:
+    """What a finished job hands back to the UI thread."""
+
+    boxes: np.ndarray  # (N, 4) the boxes the segmentation was fused from
+    labels: np.ndarray  # (H, W) label image of the fused mask
+    new_probs: dict[Box, np.ndarray]  # fine results computed by this job (to cache)
+    stats: NormStats
+    rough: RoughResult | None = None
+    refined: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """An expected failure (bad image for this model, out of memory): shown as a notification."""
+
+    message: str
+
+
+def guarded(job: Callable[..., Generator[Progress, None, JobResult]], *args
+            ) -> Generator[Progress, None, JobResult | JobFailed]:
+    """Run ``job``, turning expected errors into :class:`JobFailed` (bugs still raise)."""
+    try:
+        return (yield from job(*args))
+    except (ValueError, RuntimeError, MemoryError, OSError) as exc:  # torch OOM is a RuntimeError
+        return JobFailed(str(exc))
+
+
+def box_key(box: np.ndarray) -> Box:
+    return tuple(int(v) for v in box)  # type: ignore[return-value]
+
+
+def _refine_missing(engine: Engine, image: object, boxes: np.ndarray, cache: Mapping[Box, np.ndarray],
+                    stats: NormStats) -> Generator[Progress, None, dict[Box, np.ndarray]]:
+    """Fine-net results for the boxes not in ``cache``, in cancellable chunks."""
+    seen: set[Box] = set()
+    todo = []
+    for b in boxes:
+        k = box_key(b)
+        if k not in cache and k not in seen:
+            seen.add(k)
+            todo.append(b)
+    todo_arr = np.asarray(todo, dtype=np.int64).reshape(-1, 4)
+    new: dict[Box, np.ndarray] = {}
+    for i in range(0, len(todo_arr), REFINE_CHUNK):
+        yield Progress(f"fine pass: {i}/{len(todo_arr)} boxes", i, len(todo_arr))
+        chunk = todo_arr[i:i + REFINE_CHUNK]
+        for b, p in zip(chunk, engine.refine(image, chunk, stats), strict=True):
+            new[box_key(b)] = p
+    return new
+
+
+def _fuse(engine: Engine, boxes: np.ndarray, probs: Mapping[Box, np.ndarray],
+          hw: tuple[int, int]) -> np.ndarray:
+    s = engine.settings.size
+    stack = np.stack([probs[box_key(b)] for b in boxes]) if len(boxes) else np.zeros((0, s, s), np.float32)
+    return engine.fuse(stack, boxes, hw)
+
+
+def run_job(make_engine: EngineFactory, model: StSModel, device: str, image: object
+            ) -> Generator[Progress, None, JobResult]:
+    """The automatic pipeline: rough pass -> boxes -> fine pass -> fuse."""
+    engine = make_engine(model, device)
+    src = engine.source(image)
+    yield Progress("rough pass", 0, 3)
+    rough = engine.rough(src)
+    boxes = engine.boxes(rough.mask, src.hw)
+    if engine.fine_net is None:  # a rough-only model: the upsampled rough mask is all it has
+        yield Progress("upsampling the rough mask (no fine network)", 2, 3)
+        mask = engine.baseline(rough, src.hw)
+        return JobResult(boxes, labels_from_mask(mask), {}, rough.stats, rough, timings=engine.timings)
+    new = yield from _refine_missing(engine, src, boxes, {}, rough.stats)
+    yield Progress(f"fusing {len(boxes)} boxes", 2, 3)
+    mask = _fuse(engine, boxes, new, src.hw)
+    return JobResult(boxes, labels_from_mask(mask), new, rough.stats, rough, boxes.copy(), engine.timings)
+
+
+def update_job(make_engine: EngineFactory, model: StSModel, device: str, image: object,
+               boxes: np.ndarray, cache: Mapping[Box, np.ndarray], stats: NormStats | None
+               ) -> Generator[Progress, None, JobResult]:
+    """Segment ``boxes``, refining only those not in ``cache``; re-fuse all of them."""
+    engine = make_engine(model, device)
+    src = engine.source(image)
+    if stats is None:
+        yield Progress("image statistics", 0, 2)
+        stats = engine.image_stats(src)
+    new = yield from _refine_missing(engine, src, boxes, cache, stats)
+    yield Progress(f"fusing {len(boxes)} boxes", 1, 2)
+    mask = _fuse(engine, boxes, {**cache, **new}, src.hw)
+    refined = np.asarray(list(new), dtype=np.int64).reshape(-1, 4)
+    return JobResult(np.asarray(boxes, dtype=np.int64).reshape(-1, 4), labels_from_mask(mask), new, stats,
+                     refined=refined, timings=engine.timings)

@@ -1,0 +1,172 @@
+"""Layer <-> engine conversions: which plane of an image to segment, where result layers go,
+and boxes as napari rectangles. Pure functions on arrays and public layer attributes, no Qt.
+
+Coordinates: napari centres data pixel ``j`` at ``j`` and lets it cover ``[j - 0.5, j + 0.5]``.
+An engine box ``(y0, x0, y1, x1)`` (half-open pixel indices) is therefore drawn as the
+rectangle with corners ``(y0 - 0.5, x0 - 0.5)`` and ``(y1 - 0.5, x1 - 0.5)``: its edge runs
+exactly along the outer pixel borders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import clip_boxes
+
+RECTANGLE = "rectangle"
+BOX_COLOUR = "#00e5ff"  # cyan edges stand out on grey, fluorescence and H&E images
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A 2D plane of an nD image layer and where its pixels lie in the world.
+
+    ``lead`` holds the indices of the non-displayed (leading) axes; result layers keep those
+    axes with length 1, translated to the plane, so they show only on the slice they belong to.
+    """
+
+    lead: tuple[int, ...]
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    affine: np.ndarray  # (ndim + 1, ndim + 1) homogeneous matrix of the image layer
+    hw: tuple[int, int]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.lead) + 2
+
+    def expand(self, plane: np.ndarray) -> np.ndarray:
+        """A 2D array as a layer array with the leading axes of length 1."""
+        return plane.reshape((1,) * len(self.lead) + plane.shape)
+
+    def layer_kwargs(self, zoom: tuple[float, float] = (1.0, 1.0)) -> dict:
+        """``scale``/``translate``/``affine`` for a layer covering this plane.
+
+        ``zoom`` is the size of one layer pixel in image pixels (``H/S, W/S`` for the rough
+        mask); the layer is shifted so that its pixels tile the image extent exactly.
+        """
+        k = len(self.lead)
+        scale = np.asarray(self.scale, dtype=float)
+        translate = np.asarray(self.translate, dtype=float).copy()
+        translate[:k] += scale[:k] * np.asarray(self.lead, dtype=float)
+        z = np.asarray(zoom, dtype=float)
+        translate[k:] += scale[k:] * (z / 2.0 - 0.5)
+        scale = scale.copy()
+        scale[k:] *= z
+        return {"scale": tuple(scale), "translate": tuple(translate), "affine": self.affine.copy()}
+
+
+def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[object, Plane]:
+    """The 2D (or 2D + colour) data the user is looking at, and its :class:`Plane`.
+
+    The last two spatial axes are the plane; leading axes (z, t, ...) are taken at
+    ``world_point`` (the viewer's current position), rounded to the nearest slice.
+    Multiscale layers give the same plane of every level (a pyramid the engine reads lazily).
+    """
+    rgb = bool(getattr(layer, "rgb", False))
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    shape = tuple(int(s) for s in levels[0].shape)
+    spatial = shape[:-1] if rgb else shape
+    if len(spatial) < 2:
+        raise ValueError(f"layer {layer.name!r} has shape {shape}: need at least 2 spatial axes")
+    k = len(spatial) - 2
+    lead: tuple[int, ...] = ()
+    if k:
+        if world_point is None:
+            raise ValueError("an nD image needs the viewer position to pick a slice")
+        pos = np.asarray(layer.world_to_data(tuple(world_point)), dtype=float)[-len(spatial):]
+        lead = tuple(int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(pos[:k], spatial[:k], strict=True))
+    planes = [lv[lead] if k else lv for lv in levels]
+    plane = Plane(lead=lead, scale=tuple(float(s) for s in layer.scale),
+                  translate=tuple(float(t) for t in layer.translate),
+                  affine=np.asarray(layer.affine.affine_matrix, dtype=float),
+                  hw=(int(spatial[-2]), int(spatial[-1])))
+    return (planes if layer.multiscale else planes[0]), plane
+
+
+def boxes_to_rectangles(boxes: np.ndarray, plane: Plane) -> list[np.ndarray]:
+    """Engine boxes -> napari rectangles (4 corners each, in the plane's layer coordinates)."""
+    out = []
+    lead = np.zeros(len(plane.lead))
+    for y0, x0, y1, x1 in np.asarray(boxes, dtype=float).reshape(-1, 4) - 0.5:
+        corners = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
+        out.append(np.concatenate([np.tile(lead, (4, 1)), corners], axis=1))
+    return out
+
+
+def snap_to_pixels(shapes: list[np.ndarray]) -> np.ndarray:
+    """Bounding box of each shape (last two columns y, x) snapped to pixel borders: float (N, 4).
+
+    A corner at pixel border ``j - 0.5`` becomes index ``j``; nothing is clipped here.
+    """
+    raw = np.zeros((len(shapes), 4))
+    for i, verts in enumerate(shapes):
+        v = np.asarray(verts, dtype=float).reshape(-1, np.shape(verts)[-1])[:, -2:]
+        raw[i] = (*v.min(axis=0), *v.max(axis=0))
+    return np.round(raw + 0.5)
+
+
+@dataclass
+class ShapeBoxes:
+    """Boxes read from a Shapes layer, with what had to be adjusted (for the user's notice)."""
+
+    boxes: np.ndarray  # (N, 4) int64 inside the image, one per usable shape
+    not_rectangles: int = 0  # shapes that are not axis-aligned rectangles (bounding box used)
+    clipped: int = 0  # boxes that reached outside the image
+    dropped: int = 0  # boxes entirely outside the image (or empty)
+
+
+def rectangles_to_boxes(shapes: list[np.ndarray], shape_types: list[str], hw: tuple[int, int]
+                        ) -> ShapeBoxes:
+    """napari shapes (vertices in image pixel coordinates, last two columns y, x) -> boxes.
+
+    Any shape counts as its bounding box; edges are snapped to the nearest pixel border and the
+    box is clipped to the image (:func:`clip_boxes`, the engine's rule for hand boxes).
+    """
+    raw = snap_to_pixels(shapes)
+    odd = 0
+    for verts, kind in zip(shapes, shape_types, strict=True):
+        v = np.asarray(verts, dtype=float)[:, -2:]
+        lo, hi = v.min(axis=0), v.max(axis=0)
+        axis_aligned = np.all(np.isclose(v[:, 0], lo[0]) | np.isclose(v[:, 0], hi[0])) and np.all(
+            np.isclose(v[:, 1], lo[1]) | np.isclose(v[:, 1], hi[1]))
+        odd += kind != RECTANGLE or not axis_aligned
+    inside = (raw[:, 0] >= 0) & (raw[:, 1] >= 0) & (raw[:, 2] <= hw[0]) & (raw[:, 3] <= hw[1])
+    boxes = clip_boxes(raw, hw)
+    dropped = len(raw) - len(boxes)
+    return ShapeBoxes(boxes, odd, int((~inside).sum()) - dropped, dropped)
+
+
+def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.ndarray]:
+    """Vertices of every shape in the image's data coordinates (last two axes).
+
+    A boxes layer made by this plugin shares the image's transform (fast path); any other
+    Shapes layer (e.g. boxes read from a CSV) is mapped through world coordinates.
+    """
+    data = list(shapes_layer.data)
+    same = (np.allclose(shapes_layer.scale[-2:], plane.scale[-2:])
+            and np.allclose(shapes_layer.translate[-2:], plane.translate[-2:])
+            and shapes_layer.ndim == plane.ndim
+            and np.allclose(np.asarray(shapes_layer.affine.affine_matrix), plane.affine))
+    if same:
+        return [np.asarray(v, dtype=float)[:, -2:] for v in data]
+    out = []
+    for verts in data:
+        pts = []
+        for v in np.asarray(verts, dtype=float):
+            world = np.asarray(shapes_layer.data_to_world(tuple(v)), dtype=float)
+            if image_layer.ndim > len(world):  # a 2D boxes layer over an nD image: same plane
+                world = np.concatenate([np.zeros(image_layer.ndim - len(world)), world])
+            pts.append(np.asarray(image_layer.world_to_data(tuple(world)), dtype=float)[-2:])
+        out.append(np.array(pts))
+    return out
+
+
+def labels_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Fused bool mask -> label image (one label per connected object, 4-connectivity)."""
+    from skimage.measure import label
+
+    lab = label(np.asarray(mask, dtype=bool), connectivity=1)
+    return lab.astype(np.uint32 if lab.max() > np.iinfo(np.uint16).max else np.uint16)

@@ -1,0 +1,128 @@
+"""One segmentation session: an image plane, its three result layers and the per-box cache.
+
+Results are tied to the image: the layers are named after it and share its scale, translate
+and affine. For a 3D/time stack they keep the leading axes with length 1, placed at the slice
+that was segmented, so they appear only on that slice; running another slice moves them there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._jobs import Box, JobResult, box_key
+from ._layers import (
+    BOX_COLOUR,
+    Plane,
+    ShapeBoxes,
+    boxes_to_rectangles,
+    rectangles_to_boxes,
+    shapes_in_image_pixels,
+)
+from .engine import NormStats
+
+ROUGH_COLOUR = "#ffb000"  # one amber colour: the rough mask is one blob map, not instances
+ROUGH_OPACITY = 0.35
+SEG_OPACITY = 0.6
+KIND = "segthenseg"  # metadata key marking the layers this plugin made
+
+
+def _rough_colormap():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: ROUGH_COLOUR})
+
+
+@dataclass
+class Session:
+    """State of the last result on one image plane; the widget owns one at a time."""
+
+    viewer: object
+    image_layer: object
+    plane: Plane
+    data: object  # the 2D (or 2D + colour) plane the engine reads
+    model_key: str
+    stats: NormStats | None = None
+    cache: dict[Box, np.ndarray] = field(default_factory=dict)
+    rough_layer: object = None
+    boxes_layer: object = None
+    seg_layer: object = None
+
+    def matches(self, image_layer: object, plane: Plane, model_key: str) -> bool:
+        return (self.image_layer is image_layer and self.plane.lead == plane.lead
+                and self.plane.hw == plane.hw and self.model_key == model_key)
+
+    def _alive(self, layer: object) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    # -- layers ----------------------------------------------------------------------------
+    def _name(self, what: str) -> str:
+        return f"{self.image_layer.name} {what}"
+
+    def _place(self, layer: object, zoom: tuple[float, float] = (1.0, 1.0)) -> None:
+        for key, value in self.plane.layer_kwargs(zoom).items():
+            setattr(layer, key, value)
+
+    def ensure_boxes_layer(self, edge_width: float | None = None) -> object:
+        """The editable boxes layer (created empty, in the image's frame, if needed)."""
+        if self._alive(self.boxes_layer):
+            if self.boxes_layer.ndim == self.plane.ndim:
+                self._place(self.boxes_layer)
+            return self.boxes_layer
+        width = edge_width or max(1.5, min(self.plane.hw) / 250)
+        layer = self.viewer.add_shapes(
+            None, ndim=self.plane.ndim, shape_type="rectangle", edge_color=BOX_COLOUR,
+            face_color="transparent", edge_width=width, name=self._name("boxes"),
+            metadata={KIND: "boxes"}, **self.plane.layer_kwargs())
+        layer.current_edge_color = BOX_COLOUR
+        layer.current_face_color = "transparent"
+        layer.current_edge_width = width
+        self.boxes_layer = layer
+        return layer
+
+    def ensure_seg_layer(self) -> object:
+        data = self.plane.expand(np.zeros(self.plane.hw, dtype=np.uint16))
+        if self._alive(self.seg_layer):
+            self._place(self.seg_layer)
+            if self.seg_layer.data.shape != data.shape:
+                self.seg_layer.data = data
+            return self.seg_layer
+        self.seg_layer = self.viewer.add_labels(
+            data, name=self._name("segmentation"), opacity=SEG_OPACITY, metadata={KIND: "segmentation"},
+            **self.plane.layer_kwargs())
+        return self.seg_layer
+
+    def show_rough(self, rough_mask: np.ndarray) -> None:
+        """The S x S rough mask, scaled (not upsampled) to cover the image extent exactly."""
+        s_h, s_w = rough_mask.shape
+        zoom = (self.plane.hw[0] / s_h, self.plane.hw[1] / s_w)
+        data = self.plane.expand(np.asarray(rough_mask, dtype=np.uint8))
+        if self._alive(self.rough_layer):
+            self.rough_layer.data = data
+            self._place(self.rough_layer, zoom)
+            return
+        self.rough_layer = self.viewer.add_labels(
+            data, name=self._name("rough"), opacity=ROUGH_OPACITY, colormap=_rough_colormap(),
+            metadata={KIND: "rough"}, **self.plane.layer_kwargs(zoom))
+
+    def set_boxes(self, boxes: np.ndarray) -> None:
+        layer = self.ensure_boxes_layer()
+        layer.data = []
+        if len(boxes):
+            layer.add_rectangles(boxes_to_rectangles(boxes, self.plane), edge_color=BOX_COLOUR,
+                                 face_color="transparent", edge_width=layer.current_edge_width)
+
+    def read_boxes(self) -> ShapeBoxes:
+        """The boxes currently drawn, in image pixels, clipped to the image."""
+        layer = self.boxes_layer
+        verts = shapes_in_image_pixels(layer, self.image_layer, self.plane)
+        return rectangles_to_boxes(verts, list(layer.shape_type), self.plane.hw)
+
+    def show_result(self, result: JobResult) -> None:
+        """Cache the new per-box results (only for boxes still in use) and show the labels."""
+        merged = {**self.cache, **result.new_probs}
+        self.cache = {k: merged[k] for k in map(box_key, result.boxes) if k in merged}
+        self.stats = result.stats
+        seg = self.ensure_seg_layer()
+        seg.data = self.plane.expand(result.labels)

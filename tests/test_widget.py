@@ -1,0 +1,258 @@
+"""The dock widget on a real dsb2018 image with a tiny model fitted for a few steps (under Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from napari_segthenseg._widget import BY_HAND, SegThenSegWidget
+from napari_segthenseg.engine import Engine, ImageSource, StSModel, compute_stats, save_model
+
+S = 64
+PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
+
+
+@pytest.fixture(scope="session")
+def fitted_model(dsb_image) -> StSModel:
+    """A 4-feature U-Net fitted for 60 steps to the image's downsampled mask: gives real boxes."""
+    img, mask = dsb_image
+    torch.set_num_threads(2)
+    model = make_tiny_model(size=S)
+    src = ImageSource(img)
+    small = src.read_downsampled(S, torch.device("cpu"))
+    x = compute_stats(small, "minmax", src.dtype).apply(small)[None]
+    y = F.interpolate(torch.from_numpy((mask > 0).astype(np.float32))[None, None], size=(S, S), mode="area")
+    opt = torch.optim.Adam(model.rough.parameters(), lr=1e-2)
+    model.rough.train()
+    for _ in range(60):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(model.rough(x), (y > 0.3).float()).backward()
+        opt.step()
+    model.rough.eval()
+    model.fine.load_state_dict(model.rough.state_dict())
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_file(fitted_model, tmp_path_factory):
+    return save_model(fitted_model, tmp_path_factory.mktemp("m") / "fitted.pt")
+
+
+def _open(make_napari_viewer, image, model_path, **image_kwargs):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(image, name="cells", **image_kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    assert isinstance(widget, SegThenSegWidget)
+    assert widget.image.value is layer
+    if model_path is not None:
+        assert widget.load_model_file(model_path)
+    calls: list[np.ndarray] = []
+
+    def spying_engine(model, device):
+        engine = Engine(model, device)
+        refine = engine.refine
+
+        def spy(image, boxes, stats=None):
+            calls.append(np.asarray(boxes).copy())
+            return refine(image, boxes, stats)
+
+        engine.refine = spy
+        return engine
+
+    widget.make_engine = spying_engine
+    return viewer, layer, widget, calls
+
+
+def _wait(qtbot, widget, timeout=30000):
+    qtbot.waitUntil(lambda: not widget.busy and not widget._debounce.isActive(), timeout=timeout)
+
+
+def _refined(calls) -> set[tuple]:
+    return {tuple(b) for c in calls for b in c.tolist()}
+
+
+def _world_bounds(layer, shape_hw):
+    """World extent of the last two axes, pixel edges included (scale + translate only)."""
+    sc, tr = np.asarray(layer.scale[-2:]), np.asarray(layer.translate[-2:])
+    return tr - 0.5 * sc, tr + (np.asarray(shape_hw) - 0.5) * sc
+
+
+@pytest.fixture
+def ran(make_napari_viewer, qtbot, dsb_image, model_file):
+    img, _ = dsb_image
+    viewer, layer, widget, calls = _open(make_napari_viewer, img, model_file, scale=(0.5, 2.0),
+                                         translate=(10.0, -4.0))
+    widget.run()
+    _wait(qtbot, widget)
+    return viewer, layer, widget, calls
+
+
+def test_run_gives_three_layers_tied_to_the_image(ran, dsb_image, fitted_model):
+    viewer, layer, widget, calls = ran
+    img, _ = dsb_image
+    h, w = img.shape[:2]
+    rough, boxes, seg = (viewer.layers[f"cells {k}"] for k in ("rough", "boxes", "segmentation"))
+    assert rough.data.shape == (S, S) and seg.data.shape == (h, w)
+    np.testing.assert_allclose(seg.scale, layer.scale)
+    np.testing.assert_allclose(seg.translate, layer.translate)
+    np.testing.assert_allclose(rough.scale, np.asarray(layer.scale) * (h / S, w / S))
+    for a, b in zip(_world_bounds(rough, (S, S)), _world_bounds(layer, (h, w)), strict=True):
+        np.testing.assert_allclose(a, b)  # the rough mask covers exactly the image
+    direct = Engine(fitted_model, "cpu").segment(img)
+    assert len(direct.boxes) >= 3
+    np.testing.assert_array_equal(widget.current_boxes(), direct.boxes)
+    assert set(boxes.shape_type) == {"rectangle"} and len(boxes.data) == len(direct.boxes)
+    np.testing.assert_array_equal(rough.data, direct.rough.mask)
+    np.testing.assert_array_equal(seg.data > 0, direct.mask)
+    assert _refined(calls) == {tuple(b) for b in direct.boxes.tolist()}
+
+
+def test_moving_one_box_refines_only_that_box(ran, qtbot, dsb_image, fitted_model):
+    viewer, _, widget, calls = ran
+    boxes_layer = viewer.layers["cells boxes"]
+    before = widget.current_boxes()
+    calls.clear()
+    data = list(boxes_layer.data)
+    data[1] = data[1] + np.array([7.0, -5.0])
+    boxes_layer.data = data
+    _wait(qtbot, widget)
+    after = widget.current_boxes()
+    moved = after[1]
+    np.testing.assert_array_equal(np.delete(after, 1, 0), np.delete(before, 1, 0))
+    assert _refined(calls) == {tuple(moved.tolist())}
+    img, _ = dsb_image
+    expected = Engine(fitted_model, "cpu").segment(img, boxes=after).mask
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected)
+
+
+def test_deleting_a_box_removes_its_object(ran, qtbot):
+    viewer, _, widget, calls = ran
+    boxes_layer, seg = viewer.layers["cells boxes"], viewer.layers["cells segmentation"]
+    before = widget.current_boxes()
+    only_in_0 = np.zeros(seg.data.shape, bool)
+    y0, x0, y1, x1 = before[0]
+    only_in_0[y0:y1, x0:x1] = True
+    for y0, x0, y1, x1 in before[1:]:
+        only_in_0[y0:y1, x0:x1] = False
+    calls.clear()
+    boxes_layer.selected_data = {0}
+    boxes_layer.remove_selected()
+    _wait(qtbot, widget)
+    assert len(widget.current_boxes()) == len(before) - 1
+    assert calls == [] or all(len(c) == 0 for c in calls)  # nothing new to refine
+    assert not (seg.data[only_in_0] > 0).any()
+
+
+def test_hand_drawn_box_on_empty_area_is_segmented(ran, qtbot, dsb_image, fitted_model):
+    viewer, _, widget, calls = ran
+    img, gt = dsb_image
+    boxes_layer, seg = viewer.layers["cells boxes"], viewer.layers["cells segmentation"]
+    boxes = widget.current_boxes()
+    covered = np.zeros(gt.shape, bool)
+    for y0, x0, y1, x1 in boxes:
+        covered[y0:y1, x0:x1] = True
+    # a real nucleus that no box covers (fall back to the largest uncovered one)
+    ids = [i for i in np.unique(gt[~covered]) if i]
+    assert ids, "the fitted model boxes every nucleus; pick another image"
+    target = max(ids, key=lambda i: (gt == i).sum())
+    ys, xs = np.nonzero(gt == target)
+    new = np.array([ys.min() - 3, xs.min() - 3, ys.max() + 4, xs.max() + 4]).clip(0, None)
+    new[2:] = np.minimum(new[2:], gt.shape)
+    calls.clear()
+    y0, x0, y1, x1 = new - 0.5
+    boxes_layer.add_rectangles([np.array([[y0, x0], [y1, x1]])])
+    _wait(qtbot, widget)
+    assert _refined(calls) == {tuple(new.tolist())}
+    expected = Engine(fitted_model, "cpu").segment(img, boxes=widget.current_boxes()).mask
+    np.testing.assert_array_equal(seg.data > 0, expected)
+
+
+def test_boxes_by_hand_with_a_fine_only_model(make_napari_viewer, qtbot, dsb_image, fitted_model, tmp_path):
+    img, _ = dsb_image
+    fine_only = save_model(StSModel(fitted_model.settings, None, fitted_model.fine), tmp_path / "fine.pt")
+    viewer, _, widget, calls = _open(make_napari_viewer, img, fine_only)
+    assert widget.mode.value == BY_HAND
+    widget.run()
+    assert "cells rough" not in viewer.layers
+    boxes_layer = viewer.layers["cells boxes"]
+    assert boxes_layer.mode == "add_rectangle" and len(boxes_layer.data) == 0
+    drawn = [np.array([[19.5, 29.5], [59.5, 79.5]]), np.array([[99.5, 9.5], [129.5, 49.5]])]
+    boxes_layer.add_rectangles(drawn)
+    _wait(qtbot, widget)
+    assert _refined(calls) == {(20, 30, 60, 80), (100, 10, 130, 50)}
+    hand = np.array([[20, 30, 60, 80], [100, 10, 130, 50]])
+    expected = Engine(fitted_model, "cpu").segment(img, boxes=hand)
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected.mask)
+
+
+def test_3d_stack_acts_on_the_current_slice(make_napari_viewer, qtbot, dsb_image, fitted_model, model_file):
+    img, _ = dsb_image
+    stack = np.stack([img // 4, img, img[::-1]])
+    viewer, layer, widget, _ = _open(make_napari_viewer, stack, model_file, rgb=True, scale=(3.0, 1.0, 1.0))
+    viewer.dims.set_current_step(0, 1)
+    widget.run()
+    _wait(qtbot, widget)
+    seg, rough = viewer.layers["cells segmentation"], viewer.layers["cells rough"]
+    assert seg.data.shape == (1, *img.shape[:2]) and rough.data.shape == (1, S, S)
+    assert seg.translate[0] == pytest.approx(3.0) and rough.translate[0] == pytest.approx(3.0)
+    np.testing.assert_array_equal(seg.data[0] > 0, Engine(fitted_model, "cpu").segment(img).mask)
+
+
+def test_bad_model_file_notifies_and_keeps_layers(ran, tmp_path, capsys):
+    from napari.utils.notifications import notification_manager
+
+    viewer, _, widget, _ = ran
+    names = [lyr.name for lyr in viewer.layers]
+    seg_before = viewer.layers["cells segmentation"].data.copy()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model at all")
+    n = len(notification_manager.records)
+    assert widget.load_model_file(bad) is False
+    messages = [str(r.message) for r in notification_manager.records[n:]]
+    assert any("cannot load model" in m and "bad.pt" in m for m in messages)
+    assert [lyr.name for lyr in viewer.layers] == names
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data, seg_before)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_engine_error_in_worker_is_a_notification(make_napari_viewer, qtbot, dsb_image, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    img, _ = dsb_image
+    two_channel = save_model(make_tiny_model(size=32, channels=2), tmp_path / "two.pt")
+    viewer, _, widget, _ = _open(make_napari_viewer, img, two_channel)
+    n = len(notification_manager.records)
+    widget.run()
+    _wait(qtbot, widget)
+    assert any("channels" in str(r.message) for r in notification_manager.records[n:])
+    assert [lyr.name for lyr in viewer.layers] == ["cells"]
+
+
+def test_cancel_discards_the_run(make_napari_viewer, qtbot, dsb_image, model_file):
+    img, _ = dsb_image
+    viewer, _, widget, _ = _open(make_napari_viewer, img, model_file)
+    widget.run()
+    assert widget.busy
+    widget.cancel()
+    assert not widget.busy and widget.run_button.enabled
+    qtbot.wait(500)
+    assert [lyr.name for lyr in viewer.layers] == ["cells"]
+
+
+def test_edits_during_a_job_are_not_lost(ran, qtbot, dsb_image, fitted_model):
+    viewer, _, widget, _ = ran
+    boxes_layer = viewer.layers["cells boxes"]
+    data = list(boxes_layer.data)
+    boxes_layer.data = data[:-1]
+    widget.update_boxes()  # starts a job on the current boxes now, skipping the debounce
+    assert widget.busy
+    boxes_layer.data = [d + np.array([2.0, 2.0]) for d in data[:-1]]  # edited while it runs
+    _wait(qtbot, widget)
+    img, _ = dsb_image
+    latest = widget.current_boxes()
+    assert latest[0, 0] == data[0][:, 0].min() + 0.5 + 2
+    expected = Engine(fitted_model, "cpu").segment(img, boxes=latest).mask
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected)
