@@ -67,7 +67,7 @@ def _open(make_napari_viewer, image, model_path, **image_kwargs):
 
 
 def _wait(qtbot, widget, timeout=30000):
-    qtbot.waitUntil(lambda: not widget.busy and not widget._debounce.isActive(), timeout=timeout)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
 
 def _refined(calls) -> set[tuple]:

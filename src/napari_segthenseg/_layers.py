@@ -16,7 +16,7 @@ import numpy as np
 from .engine import clip_boxes
 
 RECTANGLE = "rectangle"
-BOX_COLOUR = "#00e5ff"  # cyan edges stand out on grey, fluorescence and H&E images
+BOX_COLOUR = "#ffe600"  # yellow edges stand out on dark fluorescence, grey and H&E images
 
 
 @dataclass(frozen=True)

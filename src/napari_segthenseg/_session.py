@@ -22,8 +22,8 @@ from ._layers import (
 )
 from .engine import NormStats
 
-ROUGH_COLOUR = "#ffb000"  # one amber colour: the rough mask is one blob map, not instances
-ROUGH_OPACITY = 0.35
+ROUGH_COLOUR = "#3d8bff"  # one blue: the rough mask is a coarse blob map, not instances
+ROUGH_OPACITY = 0.45
 SEG_OPACITY = 0.6
 KIND = "segthenseg"  # metadata key marking the layers this plugin made
 

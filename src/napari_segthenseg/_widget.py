@@ -54,7 +54,7 @@ class SegThenSegWidget(Container):
         self._pbar = None
 
         self.image = ComboBox(label="image", choices=self._layer_choices(Image))
-        self.model = ComboBox(label="model", choices=self._model_choices(), nullable=True)
+        self.model = ComboBox(label="model", choices=self._model_choices, nullable=True)
         self.load_button = PushButton(text="Load model file…")
         self.model_info = Label(label="")
         self.mode = ComboBox(label="boxes", choices=[AUTO, BY_HAND], value=AUTO)
@@ -91,9 +91,10 @@ class SegThenSegWidget(Container):
     def _layer_choices(self, kind: type):
         return lambda _w=None: [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, kind)]
 
-    def _model_choices(self, extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    def _model_choices(self, _w=None) -> list[tuple[str, str]]:
+        """The bundled default (if installed) and every model file loaded so far."""
         out = [("default (bundled)", DEFAULT_MODEL_NAME)] if bundled_model_path().is_file() else []
-        return out + [(Path(p).name, p) for p in extra]
+        return out + [(Path(p).name, p) for p in self._models if p != DEFAULT_MODEL_NAME]
 
     @staticmethod
     def _device_choices() -> list[tuple[str, str]]:
@@ -108,9 +109,8 @@ class SegThenSegWidget(Container):
         except (ModelFileError, FileNotFoundError, OSError, ValueError) as exc:
             show_error(f"Segment-then-Segment: cannot load model: {exc}")
             return False
-        files = tuple(k for k in self._models if k != DEFAULT_MODEL_NAME)
         with self.model.changed.blocked():
-            self.model.choices = self._model_choices(files)
+            self.model.reset_choices()
             self.model.value = key
         self._select_model(key)
         return True
@@ -146,8 +146,8 @@ class SegThenSegWidget(Container):
 
     @property
     def busy(self) -> bool:
-        """True while a job runs in the background."""
-        return self._worker is not None
+        """True while a job runs in the background or an edit waits to be segmented."""
+        return self._worker is not None or self._debounce.isActive()
 
     @property
     def current_model(self) -> StSModel | None:

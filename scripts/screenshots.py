@@ -1,0 +1,95 @@
+"""Screenshots of the plugin for docs/: run on the sample, edit boxes, save full-window PNGs.
+
+Run under a (virtual) screen, e.g.::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--model FILE]
+
+Writes ``docs/plugin_run.png`` (after Run), ``docs/plugin_zoom.png`` (close-up: rough mask,
+boxes, segmentation) and ``docs/plugin_edit.png`` (after nudging a box and drawing one by hand
+around a bright object that no box covered; the new box is selected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from napari_segthenseg.demo import open_viewer, wait_idle
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def shoot(viewer, widget, name: str) -> Path:
+    wait_idle(widget, 120)
+    wait_idle(widget, 0.5)
+    path = DOCS / name
+    viewer.screenshot(str(path), canvas_only=False)
+    print(f"{path}: {widget.status.value}")
+    return path
+
+
+def missed_object_box(image: np.ndarray, boxes: np.ndarray, margin: int = 4) -> np.ndarray | None:
+    """Box around the largest Otsu-bright object that no box touches (what a user would add)."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    grey = image.mean(axis=-1) if image.ndim == 3 else image
+    covered = np.zeros(grey.shape, bool)
+    for y0, x0, y1, x1 in boxes:
+        covered[y0:y1, x0:x1] = True
+    regions = [r for r in regionprops(label(grey > threshold_otsu(grey)))
+               if not covered[r.slice].any() and r.area >= 30]
+    if not regions:
+        return None
+    y0, x0, y1, x1 = max(regions, key=lambda r: r.area).bbox
+    return np.array([max(0, y0 - margin), max(0, x0 - margin),
+                     min(grey.shape[0], y1 + margin), min(grey.shape[1], x1 + margin)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="model file (default: the bundled model)")
+    p.add_argument("--image", default=None, help="image file (default: the bundled sample)")
+    args = p.parse_args(argv)
+    viewer, widget = open_viewer(args.image, args.model)
+    if widget.current_model is None:
+        print("no model: pass --model FILE", file=sys.stderr)
+        return 1
+    image = widget.image.value
+    widget.run()
+    wait_idle(widget, 300)
+    viewer.reset_view()
+    shoot(viewer, widget, "plugin_run.png")
+
+    boxes_layer = widget._session.boxes_layer
+    boxes = widget.current_boxes()
+    # close-up on the box nearest the image centre, with its neighbours
+    h, w = widget._session.plane.hw
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    k = int(np.argmin(((centres - (h / 2, w / 2)) ** 2).sum(1)))
+    viewer.camera.center = tuple(np.asarray(image.data_to_world(tuple(centres[k]))))
+    viewer.camera.zoom = viewer.camera.zoom * 3
+    shoot(viewer, widget, "plugin_zoom.png")
+
+    # the user nudges that box, and boxes by hand the largest bright object no box covers
+    data = list(boxes_layer.data)
+    data[k] = data[k] + np.array([2.0, -2.0])
+    boxes_layer.data = data
+    wait_idle(widget, 120)
+    new = missed_object_box(np.asarray(widget._session.data), boxes)
+    if new is not None:
+        y0, x0, y1, x1 = new - 0.5
+        boxes_layer.add_rectangles([np.array([[y0, x0], [y1, x1]])])
+        boxes_layer.selected_data = {len(boxes_layer.data) - 1}
+        viewer.camera.center = tuple(np.asarray(image.data_to_world(((y0 + y1) / 2, (x0 + x1) / 2))))
+    viewer.layers.selection.active = boxes_layer
+    shoot(viewer, widget, "plugin_edit.png")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
