@@ -103,9 +103,9 @@ def evaluate_samples(engine: Engine, samples: Sequence[Sample],
     check_model(engine.model)
     if samples:  # warm-up, so the first image's timing is not the one-off start-up cost
         evaluate_image(engine, samples[0])
-    rows = [evaluate_image(engine, s)
-            for s in tqdm(samples, desc="evaluating", unit="image", disable=None if progress is None
-                          else not progress, file=sys.stderr)]
+    disable = None if progress is None else not progress  # None: tqdm shows a bar only on a terminal
+    bar = tqdm(samples, desc="evaluating", unit="image", disable=disable, file=sys.stderr)
+    rows = [evaluate_image(engine, s) for s in bar]
     return rows, summarize_rows(rows)
 
 
