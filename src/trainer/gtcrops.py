@@ -62,7 +62,9 @@ def prepare(sample: Sample, size: int, channels: int, normalisation: str,
     small = match_channels(src.read_downsampled(size, CPU), channels)
     stats = compute_stats(small, normalisation, src.dtype)
     mask_t = torch.from_numpy(np.ascontiguousarray(sample.mask)).float()[None, None]
-    small_mask = F.interpolate(mask_t, size=(size, size), mode="nearest")[0]
+    # "nearest-exact" samples each block's centre; plain "nearest" takes its top-left pixel,
+    # which shifts the target half a block down-right of the (area-averaged) image.
+    small_mask = F.interpolate(mask_t, size=(size, size), mode="nearest-exact")[0]
     raw = component_boxes(sample.mask)
     keep = ((raw[:, 2] - raw[:, 0]) >= min_box) & ((raw[:, 3] - raw[:, 1]) >= min_box)
     return Prepared(sample.stem, src, sample.mask, stats, stats.apply(small).contiguous(),

@@ -96,7 +96,8 @@ class ImageSource:
                 level = lv
         h, w = int(level.shape[0]), int(level.shape[1])
         sy, sx = max(1, h // (8 * size)), max(1, w // (8 * size))
-        t = self._to_tensor(level[::sy, ::sx], device)
+        # Start each stride at its block's centre so the copy is not shifted up-left.
+        t = self._to_tensor(level[sy // 2::sy, sx // 2::sx], device)
         return F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True,
                              align_corners=False)[0]
 
