@@ -19,7 +19,6 @@ PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 def fitted_model(dsb_image) -> StSModel:
     """A 4-feature U-Net fitted for 60 steps to the image's downsampled mask: gives real boxes."""
     img, mask = dsb_image
-    torch.set_num_threads(2)
     model = make_tiny_model(size=S)
     src = ImageSource(img)
     small = src.read_downsampled(S, torch.device("cpu"))
@@ -27,10 +26,15 @@ def fitted_model(dsb_image) -> StSModel:
     y = F.interpolate(torch.from_numpy((mask > 0).astype(np.float32))[None, None], size=(S, S), mode="area")
     opt = torch.optim.Adam(model.rough.parameters(), lr=1e-2)
     model.rough.train()
-    for _ in range(60):
-        opt.zero_grad()
-        F.binary_cross_entropy_with_logits(model.rough(x), (y > 0.3).float()).backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a busy machine
+    try:
+        for _ in range(60):
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(model.rough(x), (y > 0.3).float()).backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.rough.eval()
     model.fine.load_state_dict(model.rough.state_dict())
     return model

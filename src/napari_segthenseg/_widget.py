@@ -314,7 +314,8 @@ class SegThenSegWidget(Container):
 
     def _on_update_done(self, session: Session, res) -> None:
         session.show_result(res)
-        self.status.value = f"{len(res.boxes)} boxes, {len(res.refined)} re-segmented"
+        t = sum(res.timings.values())
+        self.status.value = f"{len(res.boxes)} boxes, {len(res.refined)} re-segmented, {t:.2f} s"
 
     # -- boxes layer -------------------------------------------------------------------------
     @contextlib.contextmanager
