@@ -260,3 +260,44 @@ def test_edits_during_a_job_are_not_lost(ran, qtbot, dsb_image, fitted_model):
     assert latest[0, 0] == data[0][:, 0].min() + 0.5 + 2
     expected = Engine(fitted_model, "cpu").segment(img, boxes=latest).mask
     np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected)
+
+
+def test_unsupported_image_notifies_and_adds_nothing(make_napari_viewer, dsb_image, model_file):
+    from napari.utils.notifications import notification_manager
+
+    img, _ = dsb_image
+    bad = img[..., 0].astype(np.float32)
+    bad[5, 5] = np.nan
+    viewer, _, widget, calls = _open(make_napari_viewer, bad, model_file)
+    n = len(notification_manager.records)
+    widget.run()
+    assert not widget.busy and calls == []
+    assert any("unsupported image" in str(r.message) and "NaN" in str(r.message)
+               for r in notification_manager.records[n:])
+    assert [lyr.name for lyr in viewer.layers] == ["cells"]
+
+
+def test_removing_the_image_ends_the_session(ran):
+    viewer, layer, widget, _ = ran
+    viewer.layers.remove(layer)
+    assert widget._session is None and not widget.busy
+    viewer.layers["cells boxes"].data = []  # no longer tied to anything: nothing happens
+    assert not widget.busy
+
+
+def test_saved_boxes_reload_and_continue(ran, make_napari_viewer, qtbot, dsb_image, model_file, tmp_path):
+    viewer, _, widget, _ = ran
+    seg_before = viewer.layers["cells segmentation"].data > 0
+    viewer.layers.selection = {viewer.layers["cells boxes"]}
+    [path] = viewer.layers.save(str(tmp_path / "cells.boxes.csv"), selected=True)
+    img, _ = dsb_image
+    viewer2, _, widget2, calls = _open(make_napari_viewer, img, model_file, scale=(0.5, 2.0),
+                                       translate=(10.0, -4.0))
+    [boxes] = viewer2.open(path, plugin="napari-segthenseg")
+    widget2.boxes.reset_choices()
+    widget2.boxes.value = boxes  # picking the layer segments its boxes
+    _wait(qtbot, widget2)
+    np.testing.assert_allclose(boxes.scale, viewer2.layers["cells"].scale)
+    np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
+    np.testing.assert_array_equal(viewer2.layers["cells segmentation"].data > 0, seg_before)
+    assert _refined(calls) == {tuple(b) for b in widget.current_boxes().tolist()}

@@ -64,11 +64,17 @@ class Session:
         for key, value in self.plane.layer_kwargs(zoom).items():
             setattr(layer, key, value)
 
+    def adopt_boxes_layer(self, layer: object) -> None:
+        """Use an existing Shapes layer as the boxes; one of ours (e.g. read from a boxes CSV, whose
+        coordinates are image pixels) is moved into the image's frame, any other keeps its own."""
+        self.boxes_layer = layer
+        if layer.metadata.get(KIND) == "boxes" and layer.ndim == self.plane.ndim:
+            self._place(layer)
+
     def ensure_boxes_layer(self, edge_width: float | None = None) -> object:
         """The editable boxes layer (created empty, in the image's frame, if needed)."""
         if self._alive(self.boxes_layer):
-            if self.boxes_layer.ndim == self.plane.ndim:
-                self._place(self.boxes_layer)
+            self.adopt_boxes_layer(self.boxes_layer)
             return self.boxes_layer
         width = edge_width or max(1.5, min(self.plane.hw) / 250)
         layer = self.viewer.add_shapes(

@@ -80,6 +80,7 @@ class SegThenSegWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.segment_button.changed.connect(self.update_boxes)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         if bundled_model_path().is_file():
             self.model.value = DEFAULT_MODEL_NAME  # the bundled model is used by default
             self._on_model_changed(DEFAULT_MODEL_NAME)
@@ -203,6 +204,8 @@ class SegThenSegWidget(Container):
                 show_error("Segment-then-Segment: this model has no fine network, so it cannot "
                            "segment boxes drawn by hand.")
                 return
+            if session.boxes_layer is None and self.boxes.value is not None:
+                session.adopt_boxes_layer(self.boxes.value)
             self._use_boxes_layer(session.ensure_boxes_layer())
             session.ensure_seg_layer()
             self.viewer.layers.selection.active = session.boxes_layer
@@ -219,7 +222,16 @@ class SegThenSegWidget(Container):
     def update_boxes(self) -> None:
         """Segment the current boxes: only new or changed ones go through the fine net."""
         session, model = self._session, self.current_model
-        if session is None or session.boxes_layer not in self.viewer.layers or model is None:
+        if session is None or session.boxes_layer is None:  # e.g. boxes read from a CSV, no run yet
+            if self.boxes.value is None or self._worker is not None:
+                return
+            prepared = self._prepare()
+            if prepared is None:
+                return
+            model, session = prepared
+            session.adopt_boxes_layer(self.boxes.value)
+            self._adopt(session)
+        if session.boxes_layer not in self.viewer.layers or model is None:
             return
         if self._worker is not None:  # the job's end picks this up
             self._dirty = True
@@ -336,12 +348,15 @@ class SegThenSegWidget(Container):
     def _on_boxes_layer_chosen(self, layer) -> None:
         """A Shapes layer picked by the user (e.g. boxes read from CSV) becomes the boxes."""
         session = self._session
-        if layer is None or session is None or layer is session.boxes_layer:
+        if layer is None or (session is not None and layer is session.boxes_layer):
+            return
+        if session is None:
+            self.update_boxes()
             return
         if session.boxes_layer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
-        session.boxes_layer = layer
+        session.adopt_boxes_layer(layer)
         self._adopt(session)
         self.update_boxes()
 
@@ -352,6 +367,21 @@ class SegThenSegWidget(Container):
         self._dirty = True
         if self.live.value and self._worker is None:
             self._debounce.start()
+
+    def _on_layer_removed(self, event) -> None:
+        """Forget a deleted image (and stop its job) or a deleted boxes layer."""
+        session = self._session
+        if session is None:
+            return
+        if event.value is session.image_layer or event.value is session.boxes_layer:
+            if session.boxes_layer is not None:
+                with contextlib.suppress(TypeError, ValueError):
+                    session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+        if event.value is session.image_layer:
+            self.cancel()
+            self._session = None
+        elif event.value is session.boxes_layer:
+            session.boxes_layer = None
 
     def current_boxes(self) -> np.ndarray:
         """The boxes the widget would segment now (image pixels)."""
