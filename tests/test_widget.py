@@ -301,3 +301,15 @@ def test_saved_boxes_reload_and_continue(ran, make_napari_viewer, qtbot, dsb_ima
     np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
     np.testing.assert_array_equal(viewer2.layers["cells segmentation"].data > 0, seg_before)
     assert _refined(calls) == {tuple(b) for b in widget.current_boxes().tolist()}
+
+
+def test_default_model_is_selected_when_installed(make_napari_viewer, monkeypatch, model_file, dsb_image):
+    import napari_segthenseg._widget as widget_module
+    from napari_segthenseg.engine import modelfile
+
+    monkeypatch.setattr(modelfile, "bundled_model_path", lambda: model_file)
+    monkeypatch.setattr(widget_module, "bundled_model_path", lambda: model_file)
+    img, _ = dsb_image
+    _, _, widget, _ = _open(make_napari_viewer, img, None)
+    assert widget.model.value == "default" and widget.current_model is not None
+    assert "S=64" in widget.model_info.value
