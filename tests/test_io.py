@@ -59,3 +59,16 @@ def test_napari_save_and_open_use_the_plugin(make_napari_viewer, tmp_path):
     assert loaded.name == "cells" and set(loaded.shape_type) == {"rectangle"}
     back = rectangles_to_boxes(list(loaded.data), list(loaded.shape_type), plane.hw)
     np.testing.assert_array_equal(back.boxes, BOXES)
+
+
+def test_segmentation_saves_as_tif_with_napari(make_napari_viewer, tmp_path):
+    import tifffile
+
+    viewer = make_napari_viewer()
+    labels = np.zeros((40, 60), np.uint16)
+    labels[5:15, 10:30] = 1
+    labels[20:30, 40:50] = 2
+    layer = viewer.add_labels(labels, name="cells segmentation")
+    viewer.layers.selection = {layer}
+    [path] = viewer.layers.save(str(tmp_path / "seg.tif"), selected=True)
+    np.testing.assert_array_equal(tifffile.imread(path), labels)
