@@ -203,6 +203,9 @@ def test_3d_stack_acts_on_the_current_slice(make_napari_viewer, qtbot, dsb_image
     assert seg.data.shape == (1, *img.shape[:2]) and rough.data.shape == (1, S, S)
     assert seg.translate[0] == pytest.approx(3.0) and rough.translate[0] == pytest.approx(3.0)
     np.testing.assert_array_equal(seg.data[0] > 0, Engine(fitted_model, "cpu").segment(img).mask)
+    viewer.dims.transpose()  # another plane on screen: refused with a notice, layers untouched
+    widget.run()
+    assert not widget.busy and seg.data.shape == (1, *img.shape[:2])
 
 
 def test_bad_model_file_notifies_and_keeps_layers(ran, tmp_path, capsys):

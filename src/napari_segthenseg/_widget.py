@@ -164,8 +164,10 @@ class SegThenSegWidget(Container):
         if layer is None:
             show_error("Segment-then-Segment: open an image first.")
             return None
-        if self.viewer.dims.ndisplay != 2:
-            show_error("Segment-then-Segment works on 2D planes: switch the viewer to 2D.")
+        n = self.viewer.dims.ndim
+        if self.viewer.dims.ndisplay != 2 or tuple(self.viewer.dims.displayed) != (n - 2, n - 1):
+            show_error("Segment-then-Segment works on the plane of the last two axes: switch the viewer "
+                       "to 2D and reset the axis order (transposed views are not supported).")
             return None
         try:
             data, plane = image_plane(layer, tuple(self.viewer.dims.point))
