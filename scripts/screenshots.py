@@ -5,8 +5,8 @@ Run under a (virtual) screen, e.g.::
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--model FILE]
 
 Writes ``docs/plugin_run.png`` (after Run), ``docs/plugin_zoom.png`` (close-up: rough mask,
-boxes, segmentation) and ``docs/plugin_edit.png`` (after nudging a box and drawing one by hand
-around a bright object that no box covered; the new box is selected).
+boxes, segmentation) and ``docs/plugin_edit.png`` (after deleting the box nearest the centre and
+drawing a tighter one by hand around the object it held; the new box is selected).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def shoot(viewer, widget, name: str) -> Path:
     return path
 
 
-def missed_object_box(image: np.ndarray, boxes: np.ndarray, margin: int = 4) -> np.ndarray | None:
-    """Box around the largest Otsu-bright object that no box touches (what a user would add)."""
+def missed_object_box(image: np.ndarray, boxes: np.ndarray, near: np.ndarray, margin: int = 3
+                      ) -> np.ndarray | None:
+    """Box around the Otsu-bright object nearest ``near`` that no box touches (what a user would add)."""
     from skimage.filters import threshold_otsu
     from skimage.measure import label, regionprops
 
@@ -46,7 +47,7 @@ def missed_object_box(image: np.ndarray, boxes: np.ndarray, margin: int = 4) -> 
                if not covered[r.slice].any() and r.area >= 30]
     if not regions:
         return None
-    y0, x0, y1, x1 = max(regions, key=lambda r: r.area).bbox
+    y0, x0, y1, x1 = min(regions, key=lambda r: float(np.sum((np.asarray(r.centroid) - near) ** 2))).bbox
     return np.array([max(0, y0 - margin), max(0, x0 - margin),
                      min(grey.shape[0], y1 + margin), min(grey.shape[1], x1 + margin)])
 
@@ -76,20 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     viewer.camera.zoom = viewer.camera.zoom * 3
     shoot(viewer, widget, "plugin_zoom.png")
 
-    # the user nudges that box, and boxes by hand the largest bright object no box covers
-    data = list(boxes_layer.data)
-    data[k] = data[k] + np.array([2.0, -2.0])
+    # the user deletes that box, and draws a tighter one by hand around the object it held
+    boxes_layer.selected_data = {k}
     t0 = time.perf_counter()
-    boxes_layer.data = data
+    boxes_layer.remove_selected()
     wait_idle(widget, 120)
-    print(f"one box moved -> segmentation updated after {time.perf_counter() - t0:.2f} s wall "
+    print(f"one box deleted -> segmentation updated after {time.perf_counter() - t0:.2f} s wall "
           f"(includes the {DEBOUNCE_MS} ms edit debounce): {widget.status.value}")
-    new = missed_object_box(np.asarray(widget._session.data), boxes)
+    new = missed_object_box(np.asarray(widget._session.data), widget.current_boxes(), near=centres[k])
     if new is not None:
         y0, x0, y1, x1 = new - 0.5
+        t0 = time.perf_counter()
         boxes_layer.add_rectangles([np.array([[y0, x0], [y1, x1]])])
+        wait_idle(widget, 120)
+        print(f"one box drawn -> segmentation updated after {time.perf_counter() - t0:.2f} s wall: "
+              f"{widget.status.value}")
         boxes_layer.selected_data = {len(boxes_layer.data) - 1}
-        viewer.camera.center = tuple(np.asarray(image.data_to_world(((y0 + y1) / 2, (x0 + x1) / 2))))
     viewer.layers.selection.active = boxes_layer
     shoot(viewer, widget, "plugin_edit.png")
     viewer.close()
