@@ -38,7 +38,8 @@ def test_widget_and_sample_open_through_the_manifest(make_napari_viewer):
     from napari_segthenseg._widget import SegThenSegWidget
 
     viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segthenseg", "Segment-then-Segment")
+    assert isinstance(widget, SegThenSegWidget) and widget.image.value is None
     [layer] = viewer.open_sample("napari-segthenseg", "nuclei")
     assert layer.rgb and layer.data.shape == (520, 696, 3) and layer.data.dtype == "uint8"
-    _, widget = viewer.window.add_plugin_dock_widget("napari-segthenseg", "Segment-then-Segment")
-    assert isinstance(widget, SegThenSegWidget) and widget.image.value is layer
+    assert widget.image.value is layer  # the panel follows the layer list
