@@ -72,3 +72,16 @@ def test_segmentation_saves_as_tif_with_napari(make_napari_viewer, tmp_path):
     viewer.layers.selection = {layer}
     [path] = viewer.layers.save(str(tmp_path / "seg.tif"), selected=True)
     np.testing.assert_array_equal(tifffile.imread(path), labels)
+
+
+def test_labels_from_mask_objects_and_large_images(monkeypatch):
+    import napari_segthenseg._layers as layers
+
+    mask = np.zeros((20, 30), bool)
+    mask[2:5, 2:5] = mask[10:15, 20:25] = True
+    mask[5, 5] = True  # touches the first object only diagonally: its own object (4-connectivity)
+    lab = layers.labels_from_mask(mask)
+    assert lab.dtype == np.uint16 and lab.max() == 3 and np.array_equal(lab > 0, mask)
+    monkeypatch.setattr(layers, "LABEL_OBJECTS_MAX_PIXELS", 100)
+    binary = layers.labels_from_mask(mask)
+    assert binary.dtype == np.uint8 and binary.max() == 1 and np.array_equal(binary > 0, mask)

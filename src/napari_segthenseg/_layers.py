@@ -164,9 +164,19 @@ def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.n
     return out
 
 
+LABEL_OBJECTS_MAX_PIXELS = 4096 * 4096  # above this, labelling every edit costs seconds
+
+
 def labels_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Fused bool mask -> label image (one label per connected object, 4-connectivity)."""
+    """Fused bool mask -> label image (one label per connected object, 4-connectivity).
+
+    Larger images get a binary (0/1) label image: relabelling 8000 x 8000 px took about 2 s per
+    edit on a 2-core CPU, while the mask itself is ready in a fraction of that.
+    """
     from skimage.measure import label
 
-    lab = label(np.asarray(mask, dtype=bool), connectivity=1)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size > LABEL_OBJECTS_MAX_PIXELS:
+        return mask.astype(np.uint8)
+    lab = label(mask, connectivity=1)
     return lab.astype(np.uint32 if lab.max() > np.iinfo(np.uint16).max else np.uint16)
