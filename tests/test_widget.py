@@ -316,3 +316,21 @@ def test_default_model_is_selected_when_installed(make_napari_viewer, monkeypatc
     _, _, widget, _ = _open(make_napari_viewer, img, None)
     assert widget.model.value == "default" and widget.current_model is not None
     assert "S=64" in widget.model_info.value
+
+
+def test_rotated_sheared_image_layers_line_up(make_napari_viewer, qtbot, dsb_image, model_file):
+    img, _ = dsb_image
+    h, w = img.shape[:2]
+    viewer, layer, widget, _ = _open(make_napari_viewer, img, model_file, scale=(0.5, 2.0),
+                                     translate=(10.0, -4.0), rotate=30, shear=[0.2])
+    widget.run()
+    _wait(qtbot, widget)
+    rough, seg = viewer.layers["cells rough"], viewer.layers["cells segmentation"]
+    for rough_px, image_px in [((-0.5, -0.5), (-0.5, -0.5)), ((S - 0.5, S - 0.5), (h - 0.5, w - 0.5)),
+                               ((3.0, 7.0), ((3.5 * h / S) - 0.5, (7.5 * w / S) - 0.5))]:
+        np.testing.assert_allclose(rough.data_to_world(rough_px), layer.data_to_world(image_px), atol=1e-6)
+        np.testing.assert_allclose(seg.data_to_world(image_px), layer.data_to_world(image_px), atol=1e-6)
+    boxes_layer = viewer.layers["cells boxes"]
+    y0, x0, _, _ = widget.current_boxes()[0]
+    corner = boxes_layer.data[0][0]
+    np.testing.assert_allclose(boxes_layer.data_to_world(corner), layer.data_to_world((y0 - 0.5, x0 - 0.5)))

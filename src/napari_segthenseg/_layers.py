@@ -32,6 +32,8 @@ class Plane:
     translate: tuple[float, ...]
     affine: np.ndarray  # (ndim + 1, ndim + 1) homogeneous matrix of the image layer
     hw: tuple[int, int]
+    rotate: np.ndarray | None = None  # the image layer's rotate matrix and shear (None: none)
+    shear: np.ndarray | None = None
 
     @property
     def ndim(self) -> int:
@@ -42,20 +44,27 @@ class Plane:
         return plane.reshape((1,) * len(self.lead) + plane.shape)
 
     def layer_kwargs(self, zoom: tuple[float, float] = (1.0, 1.0)) -> dict:
-        """``scale``/``translate``/``affine`` for a layer covering this plane.
+        """``scale``/``translate``/``rotate``/``shear``/``affine`` for a layer covering this plane.
 
         ``zoom`` is the size of one layer pixel in image pixels (``H/S, W/S`` for the rough
-        mask); the layer is shifted so that its pixels tile the image extent exactly.
+        mask); the layer is shifted so that its pixels tile the image extent exactly. The shift
+        (slice index, half-pixel offset) is in image data units, so it goes through the image's
+        scale, shear and rotation before it is added to the translation.
         """
+        from napari.utils.transforms import Affine
+
         k = len(self.lead)
         scale = np.asarray(self.scale, dtype=float)
-        translate = np.asarray(self.translate, dtype=float).copy()
-        translate[:k] += scale[:k] * np.asarray(self.lead, dtype=float)
         z = np.asarray(zoom, dtype=float)
-        translate[k:] += scale[k:] * (z / 2.0 - 0.5)
-        scale = scale.copy()
-        scale[k:] *= z
-        return {"scale": tuple(scale), "translate": tuple(translate), "affine": self.affine.copy()}
+        shift = np.concatenate([np.asarray(self.lead, dtype=float), z / 2.0 - 0.5])
+        out: dict = {"affine": self.affine.copy()}
+        linear = np.eye(self.ndim)
+        if self.rotate is not None:
+            out["rotate"], out["shear"] = self.rotate, self.shear
+            linear = Affine(rotate=self.rotate, shear=self.shear, ndim=self.ndim).linear_matrix
+        out["translate"] = tuple(np.asarray(self.translate, dtype=float) + linear @ (scale * shift))
+        out["scale"] = tuple(np.concatenate([scale[:k], scale[k:] * z]))
+        return out
 
 
 def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[object, Plane]:
@@ -82,7 +91,8 @@ def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[ob
     plane = Plane(lead=lead, scale=tuple(float(s) for s in layer.scale),
                   translate=tuple(float(t) for t in layer.translate),
                   affine=np.asarray(layer.affine.affine_matrix, dtype=float),
-                  hw=(int(spatial[-2]), int(spatial[-1])))
+                  hw=(int(spatial[-2]), int(spatial[-1])),
+                  rotate=np.asarray(layer.rotate, dtype=float), shear=np.asarray(layer.shear, dtype=float))
     return (planes if layer.multiscale else planes[0]), plane
 
 
@@ -149,7 +159,9 @@ def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.n
     same = (np.allclose(shapes_layer.scale[-2:], plane.scale[-2:])
             and np.allclose(shapes_layer.translate[-2:], plane.translate[-2:])
             and shapes_layer.ndim == plane.ndim
-            and np.allclose(np.asarray(shapes_layer.affine.affine_matrix), plane.affine))
+            and np.allclose(np.asarray(shapes_layer.affine.affine_matrix), plane.affine)
+            and (plane.rotate is None or (np.allclose(shapes_layer.rotate, plane.rotate)
+                                          and np.allclose(shapes_layer.shear, plane.shear))))
     if same:
         return [np.asarray(v, dtype=float)[:, -2:] for v in data]
     out = []

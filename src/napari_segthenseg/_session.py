@@ -1,7 +1,7 @@
 """One segmentation session: an image plane, its three result layers and the per-box cache.
 
-Results are tied to the image: the layers are named after it and share its scale, translate
-and affine. For a 3D/time stack they keep the leading axes with length 1, placed at the slice
+Results are tied to the image: the layers are named after it and share its scale, translate,
+rotate, shear and affine. For a 3D/time stack they keep the leading axes with length 1, placed at the slice
 that was segmented, so they appear only on that slice; running another slice moves them there.
 """
 
