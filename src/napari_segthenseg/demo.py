@@ -18,7 +18,10 @@ PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segthenseg-demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="segthenseg-demo",
+        description="Open napari with the Segment-then-Segment panel docked, an image (default: the "
+                    "bundled sample) and the default model.")
     p.add_argument("image", nargs="?", help="image file (any format napari opens); default: the sample")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME,
                    help="model file (default: the bundled default model, if installed)")
