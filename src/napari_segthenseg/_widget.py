@@ -313,16 +313,17 @@ class SegThenSegWidget(Container):
     def _on_run_done(self, session: Session, res) -> None:
         session.cache, session.stats = {}, None
         session.show_rough(res.rough.mask)
+        session.ensure_seg_layer()  # made before the boxes, so the box edges are drawn on top
         edited = self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data)
         if edited:  # the user's boxes are newer than this run: keep them, segment them next
             show_info("Boxes were edited during the run: your boxes were kept.")
             session.stats = res.stats
-            session.ensure_seg_layer()
         else:
             with self._quietly():
                 session.set_boxes(res.boxes)
             session.show_result(res)
         self._use_boxes_layer(session.boxes_layer)
+        self.viewer.layers.selection.active = session.boxes_layer  # ready to edit with napari's tools
         t = sum(res.timings.values())
         self.status.value = f"{len(res.boxes)} boxes, {t:.2f} s"
 
