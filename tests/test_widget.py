@@ -334,3 +334,17 @@ def test_rotated_sheared_image_layers_line_up(make_napari_viewer, qtbot, dsb_ima
     y0, x0, _, _ = widget.current_boxes()[0]
     corner = boxes_layer.data[0][0]
     np.testing.assert_allclose(boxes_layer.data_to_world(corner), layer.data_to_world((y0 - 0.5, x0 - 0.5)))
+
+
+def test_switching_model_resegments_every_box(ran, qtbot, dsb_image, tmp_path):
+    viewer, _, widget, calls = ran
+    other = make_tiny_model(size=S, seed=1)
+    assert widget.load_model_file(save_model(other, tmp_path / "other.pt"))
+    calls.clear()
+    boxes = widget.current_boxes()
+    widget.update_boxes()
+    _wait(qtbot, widget)
+    assert _refined(calls) == {tuple(b) for b in boxes.tolist()}  # nothing reused from the old model
+    img, _ = dsb_image
+    expected = Engine(other, "cpu").segment(img, boxes=boxes).mask
+    np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected)

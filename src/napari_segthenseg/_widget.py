@@ -138,6 +138,9 @@ class SegThenSegWidget(Container):
     def _select_model(self, key: str) -> None:
         model = self._models[key]
         self._model_key = key
+        session = self._session
+        if session is not None and session.model_key != key:  # cached results belong to the old model
+            session.cache, session.stats, session.model_key = {}, None, key
         s = model.settings
         self.model_info.value = f"{model.describe()}\npad {s.pad} px, threshold {s.threshold}"
         self.model_info.tooltip = "\n".join(f"{k}: {v}" for k, v in s.notes.items()) or None
