@@ -77,7 +77,7 @@ def test_rough_stage_then_fine_stage_from_init(tiny_data, tmp_path):
     m = load_model(rough_out / "model.pt")
     assert m.rough is not None and m.fine is None and m.settings.notes["selection_images"] == 2
     assert main([str(tiny_data), "--out", str(fine_out), "--stage", "fine", "--epochs", "1",
-                 "--init", str(rough_out / "model.pt"), *TINY]) == 0
+                 "--init", str(rough_out / "model.pt"), "--workers", "1", *TINY]) == 0  # crops in a worker
     both = load_model(fine_out / "model.pt")
     assert both.rough is not None and both.fine is not None
 
