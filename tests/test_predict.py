@@ -81,6 +81,16 @@ def test_model_required_without_bundled_default(inputs, tmp_path, monkeypatch, c
     assert "pass --model" in capsys.readouterr().err
 
 
+def test_model_defaults_to_bundled(inputs, model_file, tmp_path, monkeypatch):
+    from napari_segthenseg.engine import modelfile
+
+    for mod in (predict_mod, modelfile):
+        monkeypatch.setattr(mod, "bundled_model_path", lambda: model_file)
+    out = tmp_path / "o"
+    assert main([str(inputs[1]), "--out", str(out)]) == 0
+    assert (out / "gray_mask.tif").is_file() and (out / "gray_boxes.csv").is_file()
+
+
 def test_bad_inputs_and_models(inputs, model_file, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["--model", str(model_file), str(tmp_path / "nope.png"), "--out", str(out)]) == 2
