@@ -8,8 +8,7 @@ segmented is reported and skipped; the others are still written.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,35 +18,19 @@ import tifffile
 from tqdm import tqdm
 
 from napari_segthenseg.engine import DEFAULT_MODEL_NAME, Engine, bundled_model_path
+from napari_segthenseg.engine.atomic import atomic_write
+from napari_segthenseg.engine.boxio import write_boxes_csv
 from napari_segthenseg.engine.device import DEVICE_CHOICES
 
 from .data import DataError, list_images, read_image
 from .evaluate import CliError, open_engine
 
-BOX_HEADER = ("y0", "x0", "y1", "x1")
-
-
-def _atomic(path: Path, write) -> None:
-    """Write via a temporary file and rename, so no half-written output is left behind."""
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def write_mask(mask: np.ndarray, path: Path) -> None:
-    _atomic(path, lambda p: tifffile.imwrite(p, np.asarray(mask, dtype=np.uint8), compression="zlib"))
-
-
-def write_boxes(boxes: np.ndarray, path: Path) -> None:
-    def write(p: Path) -> None:
-        with p.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(BOX_HEADER)
-            w.writerows(np.asarray(boxes, dtype=np.int64).reshape(-1, 4).tolist())
-    _atomic(path, write)
+    buf = io.BytesIO()  # tifffile wants a named file or a buffer, not a bare descriptor
+    tifffile.imwrite(buf, np.asarray(mask, dtype=np.uint8), compression="zlib")
+    with atomic_write(path) as fh:
+        fh.write(buf.getvalue())
 
 
 def output_paths(out: Path, stem: str) -> tuple[Path, Path]:
@@ -60,7 +43,7 @@ def predict_file(engine: Engine, path: Path, out: Path) -> tuple[Path, Path]:
     result = engine.segment(image)
     mask_path, boxes_path = output_paths(out, path.stem)
     write_mask(result.mask, mask_path)
-    write_boxes(result.boxes, boxes_path)
+    write_boxes_csv(boxes_path, result.boxes)
     return mask_path, boxes_path
 
 

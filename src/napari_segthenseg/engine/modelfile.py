@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .boxes import MIN_BOX, default_pad
 from .image import NORMALISATIONS
 from .unet import UNet, build_network
@@ -114,17 +114,8 @@ def save_model(model: StSModel, path: str | os.PathLike, half: bool = False) -> 
         "rough": _net_payload(model.rough, half),
         "fine": _net_payload(model.fine, half),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
     return path
 
 
