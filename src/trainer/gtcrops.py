@@ -29,7 +29,7 @@ from napari_segthenseg.engine import (
     match_channels,
     square_pad_shift,
 )
-from napari_segthenseg.engine.boxes import MIN_BOX
+from napari_segthenseg.engine.boxes import MIN_BOX, large_enough
 
 from .data import Sample
 
@@ -65,10 +65,8 @@ def prepare(sample: Sample, size: int, channels: int, normalisation: str,
     # "nearest-exact" samples each block's centre; plain "nearest" takes its top-left pixel,
     # which shifts the target half a block down-right of the (area-averaged) image.
     small_mask = F.interpolate(mask_t, size=(size, size), mode="nearest-exact")[0]
-    raw = component_boxes(sample.mask)
-    keep = ((raw[:, 2] - raw[:, 0]) >= min_box) & ((raw[:, 3] - raw[:, 1]) >= min_box)
     return Prepared(sample.stem, src, sample.mask, stats, stats.apply(small).contiguous(),
-                    small_mask, raw[keep])
+                    small_mask, large_enough(component_boxes(sample.mask), min_box))
 
 
 def jitter_box(box: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -61,13 +61,17 @@ def scale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, i
     return out.astype(np.int64)
 
 
+def large_enough(raw: np.ndarray, min_box: int = MIN_BOX) -> np.ndarray:
+    """The boxes whose width and height are both at least ``min_box`` px (the noise rule)."""
+    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 4)
+    return raw[((raw[:, 2] - raw[:, 0]) >= min_box) & ((raw[:, 3] - raw[:, 1]) >= min_box)]
+
+
 def finalize_boxes(
     raw: np.ndarray, hw: tuple[int, int], pad: int, min_box: int = MIN_BOX
 ) -> np.ndarray:
     """Full-res component boxes -> StS boxes: drop small ones, then square, pad and shift."""
-    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 4)
-    keep = ((raw[:, 2] - raw[:, 0]) >= min_box) & ((raw[:, 3] - raw[:, 1]) >= min_box)
-    out = [square_pad_shift(b, hw, pad) for b in raw[keep]]
+    out = [square_pad_shift(b, hw, pad) for b in large_enough(raw, min_box)]
     return np.stack(out) if out else np.zeros((0, 4), dtype=np.int64)
 
 
