@@ -33,7 +33,7 @@ def test_torchrun_two_cpu_processes(dsb_dir: Path, tmp_path: Path):
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "batch 2 x 2 process(es)" in res.stderr
+    assert "batch 2 x 2 process(es), cpu (DDP, gloo)" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "model.pt", "train.log"]
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -21,6 +21,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    joined: bool = False  # in a process group (under torchrun), even a world of one
 
     @property
     def is_main(self) -> bool:
@@ -28,14 +29,14 @@ class DistInfo:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.joined
 
 
 def setup(device: str) -> DistInfo:
     """Resolve the device and, under ``torchrun``, join the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
-    if world <= 1:
+    if "RANK" not in os.environ:  # not under torchrun; `torchrun --nproc_per_node=1` still joins
         return DistInfo(0, 1, 0, dev)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
@@ -50,7 +51,7 @@ def setup(device: str) -> DistInfo:
         raise ValueError(f"distributed training supports cuda (NCCL) and cpu (gloo), not {dev.type}")
     if not dist.is_initialized():
         dist.init_process_group(backend)
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, local, dev, joined=True)
 
 
 def cleanup(info: DistInfo) -> None:

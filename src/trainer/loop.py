@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -278,9 +279,10 @@ class Run:
         loader, sampler = self.loader(stage)
         vx, vy = self.validation_set(stage)
         n_val = int(ddp.all_sum([float(len(vx))], info)[0])
-        log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, batch %d x %d process(es), %s",
+        log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, "
+                 "batch %d x %d process(es), %s%s",
                  stage, start + 1, epochs, count_parameters(net), n_val, cfg.batch_size, info.world,
-                 info.device)
+                 info.device, f" (DDP, {dist.get_backend()})" if info.active else "")
         for epoch in range(start + 1, epochs + 1):
             t = time.perf_counter()
             row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
