@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from napari_segthenseg.engine import Engine, ImageSource, bundled_model_path, load_model
+from napari_segthenseg.engine import Engine, ImageSource, bundled_model_path, fuse, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -103,3 +103,17 @@ def test_cuda_training_runs_and_loads(dsb_dir: Path, tmp_path: Path, launcher: s
     model = load_model(out / "model.pt")
     assert model.rough is not None and model.fine is not None
     assert model.settings.notes["world_size"] == 1
+
+
+def test_cuda_batched_fusion_equals_cpu_box_by_box():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(20, 700, 2))
+        nb = int(rng.integers(1, 60))
+        y0, x0 = rng.integers(0, h - 1, nb), rng.integers(0, w - 1, nb)
+        boxes = np.stack([y0, x0, np.minimum(h, y0 + rng.integers(1, h, nb)),
+                          np.minimum(w, x0 + rng.integers(1, w, nb))], 1)
+        probs = rng.random((nb, 64, 64), dtype=np.float32)
+        gpu = fuse(probs, boxes, (h, w), device="cuda")
+        cpu = fuse(probs, boxes, (h, w), batched=False)
+        assert (gpu != cpu).sum() <= 2

@@ -164,8 +164,11 @@ class Engine:
 
     def fuse(self, probs: np.ndarray, boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         """Step 4: full-resolution mask, OR where boxes overlap."""
+        # On a GPU all boxes are fused there at once, unless the full-size mask would not fit.
+        on_device = self.device.type != "cpu" and hw[0] * hw[1] * 2 <= self.memory_bytes
         with self._timed("paste"):
-            return fuse(probs, boxes, hw, self.settings.threshold)
+            return fuse(probs, boxes, hw, self.settings.threshold,
+                        device=self.device if on_device else "cpu")
 
     def baseline(self, rough: RoughResult, hw: tuple[int, int]) -> np.ndarray:
         """The paper's baseline: the rough probabilities upsampled to full resolution."""
