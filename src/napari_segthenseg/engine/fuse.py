@@ -73,7 +73,7 @@ def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int
             part = resize_prob(prob[None], (n, n))[0, y0 - oy:y1 - oy, x0 - ox:x1 - ox] >= threshold
             mask[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part
         return mask.cpu().numpy()
-    # One extra slot takes every write that falls outside its box, so no masking sync is needed.
+    # One extra slot takes every write outside its box or below threshold: no masking sync.
     out = torch.zeros(h * w + 1, dtype=torch.uint8, device=dev)
     order = np.argsort(sides, kind="stable")
     start = 0
@@ -97,8 +97,9 @@ def _paste(out: torch.Tensor, probs: torch.Tensor, idx: np.ndarray, boxes: np.nd
     r = torch.arange(rows, device=dev)
     yy, xx = oy + r[None, :, None], ox + r[None, None, :]
     inside = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1) & (r[:, None] < n) & (r[None, :] < n)
-    flat = torch.where(inside, yy * hw[1] + xx, hw[0] * hw[1])
-    out.scatter_reduce_(0, flat.reshape(-1), (full >= threshold).reshape(-1).to(torch.uint8), "amax")
+    # Only foreground is written (every write is a 1), so overlapping writes agree: an OR.
+    flat = torch.where(inside & (full >= threshold), yy * hw[1] + xx, hw[0] * hw[1])
+    out.index_fill_(0, flat.reshape(-1), 1)
 
 
 def upsample_mask(prob: np.ndarray | torch.Tensor, hw: tuple[int, int],
