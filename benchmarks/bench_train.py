@@ -5,7 +5,7 @@ augmentation, loss and optimiser) and times each part of a step separately:
 
 * ``data``: getting the batch (rough: indexing the cached S x S tensors; fine: cutting one random
   jittered ground-truth crop per image from the cached full-resolution image, image and mask);
-* ``augment``: the batched affine/flip warp;
+* ``augment``: the copy to the training device and the batched affine/flip warp there;
 * ``forward`` and ``backward`` (backward includes the Adam step).
 
 The one-off preparation (PNG decoding and the S x S cache) is timed too. Images/s counts
@@ -59,8 +59,10 @@ def time_stage(data, net: UNet, args: argparse.Namespace, device: torch.device) 
         t0 = time.perf_counter()
         x, y = next(it)
         t1 = time.perf_counter()
-        x, y = augment_batch(x, y)
         x, y = x.to(device), y.to(device)
+        x, y = augment_batch(x, y)  # on the training device, as segthenseg-train does
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t2 = time.perf_counter()
         loss = soft_dice_loss(net(x), y)
         if device.type == "cuda":
