@@ -1,15 +1,17 @@
-"""Shared fixtures: the real data folder (skipped when absent) and tiny random models."""
+"""Shared fixtures: the real data folder (skipped when absent), data subsets and tiny random models."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from napari_segthenseg.engine import ModelSettings, StSModel, UNet
+from napari_segthenseg.engine import ModelSettings, StSModel, UNet, bundled_model_path, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEGTHENSEG_DATA", REPO.parent / "shared" / "data"))
@@ -47,6 +49,36 @@ def dsb_image(dsb_dir: Path) -> tuple[np.ndarray, np.ndarray]:
             break
     best = best or ids[0]
     return io.imread(dsb_dir / "images" / f"{best}.png"), io.imread(dsb_dir / "masks" / f"{best}.png")
+
+
+def copy_subset(dsb_dir: Path, dest: Path, splits: dict[str, list[str]]) -> Path:
+    """A data folder at ``dest`` holding only the named dsb2018 stems, with ``splits`` as splits.json."""
+    for d in ("images", "masks"):
+        (dest / d).mkdir(parents=True)
+        for stem in dict.fromkeys(s for stems in splits.values() for s in stems):
+            shutil.copy(dsb_dir / d / f"{stem}.png", dest / d / f"{stem}.png")
+    (dest / "splits.json").write_text(json.dumps(splits))
+    return dest
+
+
+def first_stems(dsb_dir: Path, train: int, val: int) -> dict[str, list[str]]:
+    """The first ``train`` and ``val`` stems of dsb2018's own splits."""
+    splits = json.loads((dsb_dir / "splits.json").read_text())
+    return {"train": splits["train"][:train], "val": splits["val"][:val]}
+
+
+def random_boxes(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
+    """``n`` random (y0, x0, y1, x1) boxes of any size inside an ``h x w`` image."""
+    y0, x0 = rng.integers(0, h - 1, n), rng.integers(0, w - 1, n)
+    return np.stack([y0, x0, np.minimum(h, y0 + rng.integers(1, h, n)),
+                     np.minimum(w, x0 + rng.integers(1, w, n))], 1)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> StSModel:
+    if not bundled_model_path().is_file():
+        pytest.skip("no bundled default model in this checkout")
+    return load_model("default")
 
 
 def make_tiny_model(size: int = 32, channels: int = 3, rough: bool = True, fine: bool = True,

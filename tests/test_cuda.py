@@ -6,9 +6,7 @@ Skipped on machines without a CUDA device (CI has none); run on a GPU machine wi
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,22 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
-from napari_segthenseg.engine import Engine, ImageSource, bundled_model_path, fuse, load_model
+from conftest import copy_subset, first_stems, make_tiny_model, random_boxes
+from napari_segthenseg.engine import Engine, ImageSource, fuse, load_model
+from trainer.metrics import scores
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = float(a.sum() + b.sum())
-    return 1.0 if s == 0 else 2.0 * float((a & b).sum()) / s
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    if not bundled_model_path().is_file():
-        pytest.skip("no bundled default model in this checkout")
-    return load_model("default")
+    return scores(a, b)["dsc"]
 
 
 def test_cuda_fp32_matches_cpu(default_model, dsb_image):
@@ -75,20 +66,9 @@ def test_cuda_batched_refine_equals_per_crop_and_lazy(dsb_image):
     np.testing.assert_allclose(lazy.probs, res.probs, atol=1e-4)
 
 
-def _tiny_data(dsb_dir: Path, dest: Path, n_train: int = 6) -> Path:
-    splits = json.loads((dsb_dir / "splits.json").read_text())
-    picked = {"train": splits["train"][:n_train], "val": splits["val"][:2]}
-    for d in ("images", "masks"):
-        (dest / d).mkdir(parents=True)
-        for stem in picked["train"] + picked["val"]:
-            shutil.copy(dsb_dir / d / f"{stem}.png", dest / d / f"{stem}.png")
-    (dest / "splits.json").write_text(json.dumps(picked))
-    return dest
-
-
 @pytest.mark.parametrize("launcher", ["plain", "torchrun-nccl"])
 def test_cuda_training_runs_and_loads(dsb_dir: Path, tmp_path: Path, launcher: str):
-    data = _tiny_data(dsb_dir, tmp_path / "data")
+    data = copy_subset(dsb_dir, tmp_path / "data", first_stems(dsb_dir, 6, 2))
     out = tmp_path / "run"
     args = ["-m", "trainer", str(data), "--out", str(out), "--device", "cuda", "--size", "32",
             "--width", "4", "--depth", "2", "--batch-size", "2", "--epochs", "2", "--fine-epochs", "2"]
@@ -110,9 +90,7 @@ def test_cuda_batched_fusion_equals_cpu_box_by_box():
     for _ in range(20):
         h, w = (int(v) for v in rng.integers(20, 700, 2))
         nb = int(rng.integers(1, 60))
-        y0, x0 = rng.integers(0, h - 1, nb), rng.integers(0, w - 1, nb)
-        boxes = np.stack([y0, x0, np.minimum(h, y0 + rng.integers(1, h, nb)),
-                          np.minimum(w, x0 + rng.integers(1, w, nb))], 1)
+        boxes = random_boxes(rng, h, w, nb)
         probs = rng.random((nb, 64, 64), dtype=np.float32)
         gpu = fuse(probs, boxes, (h, w), device="cuda")
         cpu = fuse(probs, boxes, (h, w), batched=False)

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import random_boxes
 from napari_segthenseg.engine import crop_windows, cut_crops, cut_crops_lazy, fuse, upsample_mask
 from napari_segthenseg.engine.fuse import resize_prob, resize_weights
 
@@ -107,9 +108,7 @@ def test_batched_fusion_equals_box_by_box(seed):
     rng = np.random.default_rng(seed)
     h, w = (int(v) for v in rng.integers(5, 300, 2))
     nb = int(rng.integers(1, 25))
-    y0, x0 = rng.integers(0, h - 1, nb), rng.integers(0, w - 1, nb)
-    boxes = np.stack([y0, x0, np.minimum(h, y0 + rng.integers(1, h, nb)),
-                      np.minimum(w, x0 + rng.integers(1, w, nb))], 1)
+    boxes = random_boxes(rng, h, w, nb)
     probs = rng.random((nb, 16, 16), dtype=np.float32)
     one_by_one = fuse(probs, boxes, (h, w), batched=False)
     for budget in (1, 2**28):  # a box per chunk, and all boxes in one

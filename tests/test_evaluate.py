@@ -11,7 +11,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model
+from conftest import copy_subset, make_tiny_model
 from napari_segthenseg.engine import Engine, load_model, save_model
 from napari_segthenseg.engine import modelfile as modelfile_mod
 from trainer.data import read_image, read_mask
@@ -23,13 +23,7 @@ from trainer.metrics import METRICS, scores
 def small_set(dsb_dir: Path, tmp_path_factory) -> Path:
     """Three real images (one train, two val) in their own data folder with a splits.json."""
     ids = json.loads((dsb_dir / "splits.json").read_text())["val"][:3]
-    root = tmp_path_factory.mktemp("dsb3")
-    for sub in ("images", "masks"):
-        (root / sub).mkdir()
-        for i in ids:
-            shutil.copy(dsb_dir / sub / f"{i}.png", root / sub / f"{i}.png")
-    (root / "splits.json").write_text(json.dumps({"train": ids[:1], "val": ids[1:]}))
-    return root
+    return copy_subset(dsb_dir, tmp_path_factory.mktemp("dsb3"), {"train": ids[:1], "val": ids[1:]})
 
 
 @pytest.fixture(scope="module")

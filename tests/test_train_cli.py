@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import copy_subset, first_stems
 from napari_segthenseg.engine import Engine, load_model
 from trainer.train import main
 
@@ -24,15 +23,7 @@ TINY = ["--size", "32", "--width", "4", "--depth", "2", "--batch-size", "4", "--
 @pytest.fixture(scope="module")
 def tiny_data(dsb_dir: Path, tmp_path_factory) -> Path:
     """5 train + 2 val images of dsb2018 (the smallest ones), with their own splits.json."""
-    root = tmp_path_factory.mktemp("tiny_dsb")
-    splits = json.loads((dsb_dir / "splits.json").read_text())
-    picked = {"train": splits["train"][:5], "val": splits["val"][:2]}
-    for d in ("images", "masks"):
-        (root / d).mkdir()
-        for stem in picked["train"] + picked["val"]:
-            shutil.copy(dsb_dir / d / f"{stem}.png", root / d / f"{stem}.png")
-    (root / "splits.json").write_text(json.dumps(picked))
-    return root
+    return copy_subset(dsb_dir, tmp_path_factory.mktemp("tiny_dsb"), first_stems(dsb_dir, 5, 2))
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +11,13 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from conftest import copy_subset, first_stems
 from napari_segthenseg.engine import load_model
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_torchrun_two_cpu_processes(dsb_dir: Path, tmp_path: Path):
-    splits = json.loads((dsb_dir / "splits.json").read_text())
-    data = tmp_path / "data"
-    picked = {"train": splits["train"][:6], "val": splits["val"][:1]}
-    for d in ("images", "masks"):
-        (data / d).mkdir(parents=True)
-        for stem in picked["train"] + picked["val"]:
-            shutil.copy(dsb_dir / d / f"{stem}.png", data / d / f"{stem}.png")
-    (data / "splits.json").write_text(json.dumps(picked))
+    data = copy_subset(dsb_dir, tmp_path / "data", first_stems(dsb_dir, 6, 1))
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "trainer", str(data), "--out", str(out), "--device", "cpu", "--size", "32", "--width", "4",

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from napari_segthenseg.engine import Engine, bundled_model_path, load_model
+from napari_segthenseg.engine import Engine, bundled_model_path
 
 MAX_BYTES = 10 * 2**20
-
-
-@pytest.fixture(scope="module")
-def default_model():
-    if not bundled_model_path().is_file():
-        pytest.skip("no bundled default model in this checkout")
-    return load_model("default")
 
 
 def test_size_settings_and_provenance(default_model):

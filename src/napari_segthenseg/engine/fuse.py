@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .boxes import crop_windows
 
 FUSE_MEMORY_BYTES = 256 * 2**20  # working memory of one fusion chunk (the window stack)
+WINDOW_PIXEL_BYTES = 16  # per pixel of the window stack: float32 map + int64 target index + masks
 
 
 def resize_prob(prob: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -79,7 +80,9 @@ def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int
     start = 0
     while start < len(order):  # chunks of similar window sizes, each within the memory budget
         stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * int(sides[order[stop]]) ** 2 * 16 <= memory_bytes:
+        # Sorted sides: the newest box is the chunk's largest, so it sets the padded window size.
+        while (stop < len(order)
+               and (stop + 1 - start) * int(sides[order[stop]]) ** 2 * WINDOW_PIXEL_BYTES <= memory_bytes):
             stop += 1
         _paste(out, probs, order[start:stop], boxes, sides, origin, (h, w), threshold)
         start = stop
