@@ -57,7 +57,7 @@ def test_predict_writes_masks_and_boxes_and_skips_bad(inputs, model_file, tmp_pa
         assert mask.dtype == np.uint8 and mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1}
         expected = engine.segment(image)
         assert np.array_equal(mask.astype(bool), expected.mask)
-        header, boxes = read_boxes(out / f"{src.stem}_boxes.csv")
+        header, boxes = read_boxes(out / f"{src.stem}.boxes.csv")
         assert header == ["y0", "x0", "y1", "x1"]
         assert np.array_equal(boxes, expected.boxes)
     assert not list(out.glob("broken*")) and not list(out.glob(".*part"))
@@ -88,7 +88,7 @@ def test_model_defaults_to_bundled(inputs, model_file, tmp_path, monkeypatch):
         monkeypatch.setattr(mod, "bundled_model_path", lambda: model_file)
     out = tmp_path / "o"
     assert main([str(inputs[1]), "--out", str(out)]) == 0
-    assert (out / "gray_mask.tif").is_file() and (out / "gray_boxes.csv").is_file()
+    assert (out / "gray_mask.tif").is_file() and (out / "gray.boxes.csv").is_file()
 
 
 def test_bad_inputs_and_models(inputs, model_file, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """``segthenseg-predict``: segment image files or folders with a model file, headless.
 
-Per image ``<stem>_mask.tif`` (uint8 0/1 at the original size) and ``<stem>_boxes.csv`` (the
+Per image ``<stem>_mask.tif`` (uint8 0/1 at the original size) and ``<stem>.boxes.csv`` (the
 StS boxes, full-resolution pixels, half-open ``y0,x0,y1,x1``). A file that cannot be read or
 segmented is reported and skipped; the others are still written.
 """
@@ -34,7 +34,7 @@ def write_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def output_paths(out: Path, stem: str) -> tuple[Path, Path]:
-    return out / f"{stem}_mask.tif", out / f"{stem}_boxes.csv"
+    return out / f"{stem}_mask.tif", out / f"{stem}.boxes.csv"
 
 
 def predict_file(engine: Engine, path: Path, out: Path) -> tuple[Path, Path]:
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="segthenseg-predict",
         description="Segment images with Segment-then-Segment; writes DIR/<stem>_mask.tif (uint8 0/1) "
-                    "and DIR/<stem>_boxes.csv per image. Exit status 1 if any file was skipped.")
+                    "and DIR/<stem>.boxes.csv per image (the plugin opens both). Exit status 1 if any file was skipped.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders of images")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
     p.add_argument("--model", default=default,
