@@ -20,6 +20,8 @@ from napari_segthenseg.engine import (
     load_model,
     save_model,
 )
+from napari_segthenseg.engine.integrity import seal
+from napari_segthenseg.engine.scale import TrainedScale
 
 
 def test_paper_unet_has_776m_parameters():
@@ -89,8 +91,9 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, monkeypatch):
     ):
         path = tmp_path / name
         writer(path)
-        with pytest.raises(ModelFileError, match="refused|not a readable"):
+        with pytest.raises(ModelFileError, match="refused|not a PyTorch zip") as err:
             load_model(path)
+        assert "weights_only" not in str(err.value)  # never advise disabling the safe loader
     assert not marker.exists()
 
 
@@ -98,8 +101,64 @@ def test_truncated_file(tmp_path):
     p = save_model(make_tiny_model(), tmp_path / "m.pt")
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFileError, match="corrupt or truncated|refused"):
+    with pytest.raises(ModelFileError, match="is truncated"):
         load_model(p)
+
+
+def test_flipped_bytes_are_refused_by_the_checksum(tmp_path):
+    """PyTorch's zip holds no checksum it verifies: without ours, damaged weights load silently."""
+    p = save_model(make_tiny_model(), tmp_path / "m.pt")
+    data = bytearray(p.read_bytes())
+    payload = torch.load(p, weights_only=True)
+    key = next(k for k, v in payload["fine"]["state"].items() if v.numel() > 64 and v.is_floating_point())
+    raw = payload["fine"]["state"][key].numpy().tobytes()
+    at = bytes(data).index(raw[:64])  # the tensor's bytes are stored as they are
+    data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+    p.write_bytes(bytes(data))
+    assert torch.load(p, weights_only=True)  # PyTorch itself does not notice
+    with pytest.raises(ModelFileError, match="damaged"):
+        load_model(p)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (os.urandom(4096), "not a PyTorch zip archive"),
+])
+def test_messages_say_what_is_wrong(tmp_path, content, message):
+    p = tmp_path / "m.pt"
+    p.write_bytes(content)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_model(p)
+    assert "run code" not in str(err.value)
+
+
+def test_a_folder_is_not_a_model(tmp_path):
+    with pytest.raises(ModelFileError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Format 1 had no checksum and no trained scale: it loads, with the scale unknown."""
+    m = make_tiny_model()
+    p = save_model(m, tmp_path / "m.pt")
+    payload = torch.load(p, weights_only=True)
+    del payload["sha256"]
+    payload["version"] = 1
+    settings = json.loads(payload["settings"])
+    del settings["trained_scale"]
+    payload["settings"] = json.dumps(settings)
+    torch.save(payload, tmp_path / "v1.pt")
+    back = load_model(tmp_path / "v1.pt")
+    assert back.settings.trained_scale is None and _same(m.fine, back.fine)
+
+
+def test_trained_scale_round_trip(tmp_path):
+    m = make_tiny_model()
+    m.settings.trained_scale = TrainedScale.from_sizes([(256, 256), (256, 320), (520, 696)], 64)
+    back = load_model(save_model(m, tmp_path / "m.pt"))
+    assert back.settings.trained_scale == m.settings.trained_scale
+    t = back.settings.trained_scale  # median of sqrt(h w)/S: 4, sqrt(20)=4.47, 9.39
+    assert (t.median, t.low, t.high, t.window) == (4.4721, 4.0, 10.875, 286)
 
 
 def test_wrong_version_and_foreign_files(tmp_path):
@@ -107,7 +166,7 @@ def test_wrong_version_and_foreign_files(tmp_path):
     p = save_model(m, tmp_path / "m.pt")
     payload = torch.load(p, weights_only=True)
     payload["version"] = 99
-    torch.save(payload, tmp_path / "v99.pt")
+    torch.save(seal(payload), tmp_path / "v99.pt")
     with pytest.raises(ModelFileError, match="version 99"):
         load_model(tmp_path / "v99.pt")
     torch.save({"state_dict": m.fine.state_dict()}, tmp_path / "foreign.pt")
@@ -126,7 +185,7 @@ def test_mismatched_weights(tmp_path):
     p = save_model(make_tiny_model(), tmp_path / "m.pt")
     payload = torch.load(p, weights_only=True)
     payload["fine"]["arch"] = json.dumps({"name": "unet", "in_channels": 3, "width": 8, "depth": 2})
-    torch.save(payload, tmp_path / "bad.pt")
+    torch.save(seal(payload), tmp_path / "bad.pt")
     with pytest.raises(ModelFileError, match="fine"):
         load_model(tmp_path / "bad.pt")
 

@@ -3,8 +3,14 @@
 Layout (a ``torch.save`` zip, read with ``torch.load(weights_only=True)`` so that loading never
 runs code)::
 
-    {"format": "napari-segthenseg/model", "version": 1,
-     "settings": "<json>", "rough": {"arch": "<json>", "state": {...}} | None, "fine": ... | None}
+    {"format": "napari-segthenseg/model", "version": 2,
+     "settings": "<json>", "rough": {"arch": "<json>", "state": {...}} | None, "fine": ... | None,
+     "sha256": "<digest of everything else>"}
+
+Version 2 added the checksum (a damaged file is refused) and ``trained_scale`` in the settings
+(the scale the rough net learned, which whole slides need: docs/WHOLE_SLIDES.md). Version 1
+files still load: they carry no checksum and no scale, so every image gets the paper's
+whole-image rough pass unless a rough scale is given.
 
 A model with only a rough net is a baseline; one with only a fine net segments boxes by hand.
 """
@@ -14,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,10 +29,13 @@ import torch
 from .atomic import atomic_write
 from .boxes import MIN_BOX, default_pad
 from .image import NORMALISATIONS
+from .integrity import FileProblem, safe_load, seal, verify
+from .scale import TrainedScale
 from .unet import UNet, build_network
 
 FORMAT = "napari-segthenseg/model"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DEFAULT_MODEL_NAME = "default"
 
 
@@ -47,9 +54,13 @@ class ModelSettings:
     normalisation: str = "minmax"
     threshold: float = 0.5
     trained_on: str = ""
+    # Scale and normalisation window the rough net learned; None: unknown (format 1 files).
+    trained_scale: TrainedScale | None = None
     notes: dict = field(default_factory=dict)  # free-form: command, metrics, wall time
 
     def __post_init__(self) -> None:
+        if isinstance(self.trained_scale, dict):
+            self.trained_scale = TrainedScale.from_dict(self.trained_scale)
         if self.pad is None:
             self.pad = default_pad(self.size)
         if self.size < 8:
@@ -60,7 +71,7 @@ class ModelSettings:
             raise ValueError(f"threshold {self.threshold} must lie in (0, 1)")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps(dataclasses.asdict(self))  # asdict turns trained_scale into a dict too
 
     @classmethod
     def from_json(cls, text: str) -> ModelSettings:
@@ -93,6 +104,8 @@ class StSModel:
         stages = "+".join(s for s, n in (("rough", self.rough), ("fine", self.fine)) if n is not None)
         s = self.settings
         text = f"{stages}, S={s.size}, {s.in_channels} ch"
+        if s.trained_scale is not None:
+            text += f", rough scale {s.trained_scale.median:g} px/px"
         return text + (f", trained on {s.trained_on}" if s.trained_on else "")
 
 
@@ -107,13 +120,13 @@ def _net_payload(net: UNet | None, half: bool) -> dict | None:
 def save_model(model: StSModel, path: str | os.PathLike, half: bool = False) -> Path:
     """Write ``model`` atomically (a temp file renamed into place); ``half`` stores fp16 weights."""
     path = Path(path)
-    payload = {
+    payload = seal({
         "format": FORMAT,
         "version": VERSION,
         "settings": model.settings.to_json(),
         "rough": _net_payload(model.rough, half),
         "fine": _net_payload(model.fine, half),
-    }
+    })
     with atomic_write(path) as fh:
         torch.save(payload, fh)
     return path
@@ -146,6 +159,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
             raise FileNotFoundError("no bundled default model is installed with this package")
         return p
     p = Path(path)
+    if p.is_dir():
+        raise ModelFileError(f"{p} is a folder, not a model file (a training run writes DIR/model.pt)")
     if not p.is_file():
         raise FileNotFoundError(f"model file not found: {p}")
     return p
@@ -155,18 +170,20 @@ def load_model(path: str | os.PathLike) -> StSModel:
     """Load a model file (or ``"default"``) without executing any code; raise ModelFileError."""
     p = resolve_model_path(path)
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(
-            f"{p} was refused: it is not a napari-segthenseg model or it holds objects that "
-            f"would run code when loaded ({exc.__class__.__name__})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelFileError(f"{p} is not a readable model file (corrupt or truncated?): {exc}") from exc
+        payload = safe_load(p, "napari-segthenseg model file")
+    except FileProblem as exc:
+        raise ModelFileError(str(exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{p} is not a napari-segthenseg model file")
-    if payload.get("version") != VERSION:
-        raise ModelFileError(
-            f"{p} has model format version {payload.get('version')!r}; this release reads {VERSION}")
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{p} has model format version {version!r}; this release reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version >= 2:
+        try:
+            verify(payload, p, "model file")
+        except FileProblem as exc:
+            raise ModelFileError(str(exc)) from None
     try:
         settings = ModelSettings.from_json(payload["settings"])
     except (KeyError, TypeError, ValueError) as exc:
