@@ -24,8 +24,16 @@ PY=${PYTHON:-python3}
 pip_install() {  # pip, minus this machine's harmless "Location ... is ignored" index warnings
   .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2)
 }
+# torch first, on its own: the project only asks for torch>=2.3, so the build installed here is kept by
+# the next step (which would otherwise resolve a bare "torch": the newest release, from PyPI a ~5 GB CUDA
+# build on Linux). The default pin is the version the project is tested with; where pip has a local
+# wheel of it (a find-links folder, as on the development machine: a CPU build) it takes that one.
+# Choose another build or version with TORCH_REQUIREMENT, e.g. the CPU build from PyTorch's index:
+#   TORCH_REQUIREMENT="torch --index-url https://download.pytorch.org/whl/cpu" bash scripts/setup.sh
+TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==2.13.0}
+echo "== installing $TORCH_REQUIREMENT"
+# shellcheck disable=SC2086
+pip_install $TORCH_REQUIREMENT
 echo "== installing napari-segthenseg[qt,dev]"
-# torch first and pinned: the project allows torch<=2.13.0, which keeps pip on the CPU wheel.
-pip_install "torch>=2.3,<=2.13.0"
 pip_install -e ".[qt,dev]"
 echo "== ready: .venv/bin/segthenseg-demo (napari) or .venv/bin/python -m pytest (tests)"
