@@ -9,9 +9,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_manifest_is_the_packaged_symlink():
-    link = REPO / "src" / "napari_segthenseg" / "napari.yaml"
-    assert link.is_symlink() and link.resolve() == (REPO / "napari.yaml").resolve()
+def test_manifest_is_one_regular_file_in_the_package():
+    """A symlink would be a text file in a Windows checkout, and napari would find no plugin."""
+    manifest = REPO / "src" / "napari_segthenseg" / "napari.yaml"
+    assert manifest.is_file() and not manifest.is_symlink()
+    assert not (REPO / "napari.yaml").exists()
+    mode = subprocess.run(["git", "ls-files", "-s", "src/napari_segthenseg/napari.yaml"], cwd=REPO,
+                          capture_output=True, text=True).stdout.split()
+    assert not mode or mode[0] == "100644"  # tracked as a plain file (120000 would be a link)
 
 
 def test_napari_plugin_manager_finds_the_contributions():

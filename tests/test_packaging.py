@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -28,8 +29,10 @@ def test_wheel_contents(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         manifest = z.read("napari_segthenseg/napari.yaml").decode()
+        manifest_mode = z.getinfo("napari_segthenseg/napari.yaml").external_attr >> 16
         eps = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert manifest == (REPO / "napari.yaml").read_text()  # the root manifest, not a link
+    assert manifest == (REPO / "src" / "napari_segthenseg" / "napari.yaml").read_text()
+    assert not stat.S_ISLNK(manifest_mode)  # a regular file in the wheel, not a link
     assert "napari_segthenseg/engine/pipeline.py" in names and "trainer/__init__.py" in names
     assert "napari-segthenseg = napari_segthenseg:napari.yaml" in eps
     for script in ("segthenseg-train", "segthenseg-eval", "segthenseg-predict", "segthenseg-demo"):
