@@ -1,4 +1,10 @@
-"""Shared fixtures: the real data folder (skipped when absent), data subsets and tiny random models."""
+"""Shared fixtures: real data (the full sets when present, else the few dsb2018 images in tests/data),
+data subsets and tiny random models.
+
+The full data sets are looked for in ``$SEGTHENSEG_DATA`` (default: ``../shared/data`` beside the
+repository). Without them every test still runs: ``dsb_dir`` falls back to ``tests/data/dsb2018``
+(9 CC0 images, see its README); only tests that ask for ``data_root`` itself skip.
+"""
 
 from __future__ import annotations
 
@@ -15,28 +21,34 @@ from napari_segthenseg.engine import ModelSettings, StSModel, UNet, bundled_mode
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SEGTHENSEG_DATA", REPO.parent / "shared" / "data"))
+BUNDLED_DSB = REPO / "tests" / "data" / "dsb2018"
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
+    """The folder of full data sets (dsb2018, kvasir_seg, ...); skips the test when it is absent."""
     if not DATA.is_dir():
-        pytest.skip(f"real data not found at {DATA} (set SEGTHENSEG_DATA)")
+        pytest.skip(f"full data sets not found at {DATA} (set SEGTHENSEG_DATA)")
     return DATA
 
 
+def find_dsb_dir() -> Path:
+    """The full dsb2018 folder under ``DATA`` when it is there, else the bundled 9-image subset."""
+    full = DATA / "dsb2018"
+    return full if (full / "images").is_dir() else BUNDLED_DSB
+
+
 @pytest.fixture(scope="session")
-def dsb_dir(data_root: Path) -> Path:
-    d = data_root / "dsb2018"
-    if not (d / "images").is_dir():
-        pytest.skip(f"dsb2018 not found under {data_root}")
-    return d
+def dsb_dir() -> Path:
+    """A dsb2018-layout folder (images/, masks/, splits.json with train and val): the full set or the
+    bundled subset (6 train + 3 val images), so tests that use it never skip."""
+    return find_dsb_dir()
 
 
 @pytest.fixture(scope="session")
 def dsb_image(dsb_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A real val image with many nuclei (RGB uint8) and its instance mask."""
-    import json
-
+    """A real val image with many nuclei (RGB uint8) and its instance mask: the first non-square val
+    image (the same 320 x 256 image, 70 nuclei, in the full set and in the bundled subset)."""
     from skimage import io
 
     ids = json.loads((dsb_dir / "splits.json").read_text())["val"]
