@@ -85,3 +85,74 @@ def test_labels_from_mask_objects_and_large_images(monkeypatch):
     monkeypatch.setattr(layers, "LABEL_OBJECTS_MAX_PIXELS", 100)
     binary = layers.labels_from_mask(mask)
     assert binary.dtype == np.uint8 and binary.max() == 1 and np.array_equal(binary > 0, mask)
+
+
+def _write_outputs(folder, labels_dtype=np.uint16):
+    """What segthenseg-predict writes: a 0/1 uint8 mask, instance labels, and the boxes CSV."""
+    import tifffile
+
+    from trainer.predict import write_mask
+
+    mask = np.zeros((40, 60), bool)
+    mask[5:15, 10:30] = mask[20:30, 40:50] = True
+    labels = np.zeros(mask.shape, labels_dtype)
+    labels[5:15, 10:30], labels[20:30, 40:50] = 1, 2
+    write_mask(mask, folder / "cells_mask.tif")
+    tifffile.imwrite(folder / "cells_labels.tif", labels, compression="zlib")
+    write_boxes_csv(folder / "cells.boxes.csv", BOXES)
+    return mask, labels
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_label_reader_takes_predict_outputs_and_refuses_images(tmp_path, dtype):
+    import tifffile
+
+    from napari_segthenseg._io import napari_get_label_reader
+
+    mask, labels = _write_outputs(tmp_path, dtype)
+    [(data, meta, kind)] = napari_get_label_reader(str(tmp_path / "cells_mask.tif"))(
+        str(tmp_path / "cells_mask.tif"))
+    assert kind == "labels" and meta["name"] == "cells_mask" and data.dtype == np.uint8
+    np.testing.assert_array_equal(data, mask)
+    [(data, meta, kind)] = napari_get_label_reader(str(tmp_path / "cells_labels.tif"))(
+        str(tmp_path / "cells_labels.tif"))
+    assert kind == "labels" and data.dtype == dtype
+    np.testing.assert_array_equal(data, labels)
+    tifffile.imwrite(tmp_path / "float_mask.tif", np.zeros((8, 8), np.float32))
+    tifffile.imwrite(tmp_path / "rgb_mask.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    (tmp_path / "broken_mask.tif").write_bytes(b"not a tiff")
+    for name in ("float_mask.tif", "rgb_mask.tif", "broken_mask.tif", "cells.tif"):
+        assert napari_get_label_reader(str(tmp_path / name)) is None, name
+
+
+def test_viewer_opens_predict_outputs_as_labels_and_shapes(make_napari_viewer, tmp_path):
+    """napari 0.9's plain ``viewer.open(path)`` means ``plugin="napari"`` (its built-in reader, which
+    gives an Image), so the plugin has to be named, or chosen in the preferences (the GUI path)."""
+    from napari.layers import Image, Labels, Shapes
+    from napari.settings import get_settings
+
+    mask, labels = _write_outputs(tmp_path)
+    viewer = make_napari_viewer()
+    [lab] = viewer.open(str(tmp_path / "cells_mask.tif"), plugin="napari-segthenseg")
+    assert isinstance(lab, Labels) and lab.name == "cells_mask"
+    np.testing.assert_array_equal(lab.data, mask)
+    [lab] = viewer.open(str(tmp_path / "cells_labels.tif"), plugin="napari-segthenseg")
+    assert isinstance(lab, Labels) and lab.data.max() == 2
+    [boxes] = viewer.open(str(tmp_path / "cells.boxes.csv"), plugin="napari-segthenseg")
+    assert isinstance(boxes, Shapes) and len(boxes.data) == len(BOXES)
+    # what docs/PLUGIN.md says: without plugin=, napari's own reader is used
+    [img] = viewer.open(str(tmp_path / "cells_mask.tif"))
+    assert isinstance(img, Image)
+    # File > Open / drag and drop (plugin=None) with the preference docs/PLUGIN.md gives: no dialog
+    settings = get_settings()
+    before = dict(settings.plugins.extension2reader)
+    try:
+        settings.plugins.extension2reader = {
+            **before, **{f"*{s}": "napari-segthenseg" for s in ("_mask.tif", "_labels.tif", ".boxes.csv")}}
+        [lab] = viewer.open(str(tmp_path / "cells_mask.tif"), plugin=None)
+        [boxes] = viewer.open(str(tmp_path / "cells.boxes.csv"), plugin=None)
+        assert isinstance(lab, Labels) and isinstance(boxes, Shapes)
+        [img] = viewer.open(str(tmp_path / "cells_labels.tif"), plugin="napari")
+        assert isinstance(img, Image)  # napari's reader stays available by name
+    finally:
+        settings.plugins.extension2reader = before

@@ -28,7 +28,10 @@ def test_napari_plugin_manager_finds_the_contributions():
     contrib = mf.contributions
     assert [w.display_name for w in contrib.widgets] == ["Segment-then-Segment"]
     assert [s.key for s in contrib.sample_data] == ["nuclei"]
-    assert [r.filename_patterns for r in contrib.readers] == [["*.boxes.csv"]]
+    from napari_segthenseg._io import LABEL_SUFFIXES
+
+    assert [r.filename_patterns for r in contrib.readers] == [["*.boxes.csv"],
+                                                              [f"*{s}" for s in LABEL_SUFFIXES]]
     assert [w.filename_extensions for w in contrib.writers] == [[".boxes.csv"]]
 
 
