@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
 from napari.layers import Image, Shapes
+from napari.layers.base import ActionType
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -34,6 +35,7 @@ from .engine import (
 )
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
+_FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
 
 
@@ -47,7 +49,6 @@ class SegThenSegWidget(Container):
         self._model_key: str | None = None
         self._session: Session | None = None
         self._worker = None
-        self._job = ""  # "run" or "update" while a worker is alive
         self._generation = 0
         self._dirty = False  # boxes edited since the last job snapshot
         self._quiet = 0  # >0 while we change the boxes layer ourselves
@@ -276,7 +277,7 @@ class SegThenSegWidget(Container):
             generation, self._on_error if isinstance(res, JobFailed) else on_done, res))
         worker.errored.connect(lambda exc: self._if_current(generation, self._on_error, exc))
         worker.finished.connect(lambda: self._if_current(generation, self._on_finished))
-        self._worker, self._job = worker, job
+        self._worker = worker
         self.run_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = f"{job}…"
         worker.start()
@@ -295,7 +296,7 @@ class SegThenSegWidget(Container):
         pbar.set_description(p.step)
 
     def _finish(self) -> None:
-        self._worker, self._job = None, ""
+        self._worker = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -367,8 +368,8 @@ class SegThenSegWidget(Container):
         self.update_boxes()
 
     def _on_boxes_edited(self, event) -> None:
-        action = getattr(event, "action", "changed")
-        if self._quiet or not str(getattr(action, "value", action)).endswith("ed"):
+        # Shapes data events come twice per edit: ADDING/REMOVING/CHANGING before, then the finished one
+        if self._quiet or getattr(event, "action", ActionType.CHANGED) not in _FINISHED_EDITS:
             return
         self._dirty = True
         if self.live.value and self._worker is None:
