@@ -1,4 +1,4 @@
-"""Metrics against hand-computed cases, empty masks included (SPEC section 4)."""
+"""Metrics against hand-computed cases, empty masks included (docs/TRAINING.md, "Evaluating")."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ def test_size_settings_and_provenance(default_model):
     assert default_model.rough is not None and default_model.fine is not None
     assert s.notes["select_on"] == "holdout" and s.notes["command"].startswith("segthenseg-train ")
     val = s.notes["val_metrics"]
-    assert val["sts"]["dsc"] >= 0.84  # the target, as measured and recorded in the card
+    assert val["sts"]["dsc"] >= 0.84  # the paper's S=64 StS (84.3), as measured in docs/MODEL_CARD.md
 
 
 def test_segments_a_real_val_image(default_model, dsb_image):

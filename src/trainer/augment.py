@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """Probabilities and ranges from the paper (SPEC section 3)."""
+    """Probabilities and ranges from the paper (Benčević et al., Sensors 2023, section 3.1.1)."""
 
     p_affine: float = 0.5
     shift: float = 0.0625  # fraction of the side

@@ -1,4 +1,4 @@
-"""Training inputs, built once per run with the engine's own rules (SPEC section 3).
+"""Training inputs, built once per run with the engine's own rules (docs/TRAINING.md).
 
 * Rough stage: every image resized to S x S with ``ImageSource.read_downsampled`` (the rough
   pass's reader) and normalised with the window the engine computes; masks resized nearest.

@@ -1,6 +1,6 @@
 """Soft Dice loss for training and a hard Dice score for choosing checkpoints.
 
-The evaluation metrics of SPEC section 4 (per image, at full resolution) live in ``metrics``;
+The evaluation metrics (per image, at full resolution; docs/TRAINING.md) live in ``metrics``;
 these two only need to rank epochs consistently, at the network's S x S.
 """
 

@@ -1,6 +1,6 @@
 """Per-image segmentation metrics (DSC, IoU, precision, recall) and their mean ± std.
 
-Empty masks follow SPEC section 4: an empty prediction of an empty ground truth is perfect
+Empty masks follow docs/TRAINING.md ("Evaluating"): an empty prediction of an empty ground truth is perfect
 (every metric 1). Any other 0/0 ratio scores 0 (as scikit-learn's ``zero_division=0``): when
 exactly one of the two masks is empty, all four metrics are 0, so nothing rewards predicting
 nothing or everything.
