@@ -13,18 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._layers import labels_from_mask
-from .engine import Engine, NormStats, RoughResult, StSModel
+from .engine import Engine, RoughResult, StSModel
+from .engine.pipeline import REFINE_CHUNK, Stats
+from .engine.progress import Progress
 
 Box = tuple[int, int, int, int]
 EngineFactory = Callable[[StSModel, str], Engine]
-REFINE_CHUNK = 64  # boxes per fine batch between cancel points (one batch for most images)
-
-
-@dataclass(frozen=True)
-class Progress:
-    step: str
-    done: int
-    total: int
 
 
 @dataclass
@@ -34,7 +28,7 @@ class JobResult:
     boxes: np.ndarray  # (N, 4) the boxes the segmentation was fused from
     labels: np.ndarray  # (H, W) label image of the fused mask
     new_probs: dict[Box, np.ndarray]  # fine results computed by this job (to cache)
-    stats: NormStats
+    stats: Stats
     rough: RoughResult | None = None
     refined: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.int64))
     timings: dict[str, float] = field(default_factory=dict)
@@ -61,7 +55,7 @@ def box_key(box: np.ndarray) -> Box:
 
 
 def _refine_missing(engine: Engine, image: object, boxes: np.ndarray, cache: Mapping[Box, np.ndarray],
-                    stats: NormStats) -> Generator[Progress, None, dict[Box, np.ndarray]]:
+                    stats: Stats) -> Generator[Progress, None, dict[Box, np.ndarray]]:
     """Fine-net results for the boxes not in ``cache``, in cancellable chunks."""
     seen: set[Box] = set()
     todo = []
@@ -89,24 +83,19 @@ def _fuse(engine: Engine, boxes: np.ndarray, probs: Mapping[Box, np.ndarray],
 
 def run_job(make_engine: EngineFactory, model: StSModel, device: str, image: object
             ) -> Generator[Progress, None, JobResult]:
-    """The automatic pipeline: rough pass -> boxes -> fine pass -> fuse."""
+    """The automatic pipeline (the engine's walk): rough pass -> boxes -> fine pass -> fuse."""
     engine = make_engine(model, device)
-    src = engine.source(image)
-    yield Progress("rough pass", 0, 3)
-    rough = engine.rough(src)
-    boxes = engine.boxes(rough.mask, src.hw)
-    if engine.fine_net is None:  # a rough-only model: the upsampled rough mask is all it has
-        yield Progress("upsampling the rough mask (no fine network)", 2, 3)
-        mask = engine.baseline(rough, src.hw)
-        return JobResult(boxes, labels_from_mask(mask), {}, rough.stats, rough, timings=engine.timings)
-    new = yield from _refine_missing(engine, src, boxes, {}, rough.stats)
-    yield Progress(f"fusing {len(boxes)} boxes", 2, 3)
-    mask = _fuse(engine, boxes, new, src.hw)
-    return JobResult(boxes, labels_from_mask(mask), new, rough.stats, rough, boxes.copy(), engine.timings)
+    res = yield from engine.walk(image)
+    if engine.fine_net is None or res.probs is None:  # rough-only: the mask is the upsampled rough mask
+        new = {}
+    else:
+        new = {box_key(b): p for b, p in zip(res.boxes, res.probs, strict=True)}
+    refined = res.boxes.copy() if new else np.zeros((0, 4), dtype=np.int64)
+    return JobResult(res.boxes, labels_from_mask(res.mask), new, res.stats, res.rough, refined, res.timings)
 
 
 def update_job(make_engine: EngineFactory, model: StSModel, device: str, image: object,
-               boxes: np.ndarray, cache: Mapping[Box, np.ndarray], stats: NormStats | None
+               boxes: np.ndarray, cache: Mapping[Box, np.ndarray], stats: Stats | None
                ) -> Generator[Progress, None, JobResult]:
     """Segment ``boxes``, refining only those not in ``cache``; re-fuse all of them."""
     engine = make_engine(model, device)

@@ -58,6 +58,26 @@ def cut_crops(image: torch.Tensor, windows: np.ndarray, size: int) -> torch.Tens
     return out
 
 
+def resample_window(image: torch.Tensor, window: tuple[float, float, float, float],
+                    out_hw: tuple[int, int]) -> torch.Tensor:
+    """The window ``(y0, x0, y1, x1)`` (pixel-edge coordinates, may be fractional) of a (C, H, W)
+    tensor resampled to ``out_hw``: each output pixel averages about one bilinear sample per
+    source pixel it covers (a box filter, so any downscaling is antialiased). Outside the
+    tensor the border pixels repeat.
+    """
+    c, h, w = image.shape
+    y0, x0, y1, x1 = (float(v) for v in window)
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    ry, rx = max(1, math.ceil((y1 - y0) / oh)), max(1, math.ceil((x1 - x0) / ow))
+    dev = image.device
+    ys = y0 + (torch.arange(oh * ry, device=dev, dtype=torch.float32) + 0.5) * ((y1 - y0) / (oh * ry))
+    xs = x0 + (torch.arange(ow * rx, device=dev, dtype=torch.float32) + 0.5) * ((x1 - x0) / (ow * rx))
+    gy, gx = ys * (2.0 / h) - 1.0, xs * (2.0 / w) - 1.0
+    grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
+    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return (F.avg_pool2d(out, (ry, rx)) if ry * rx > 1 else out)[0]
+
+
 def cut_crops_lazy(read_region, windows: np.ndarray, hw: tuple[int, int], size: int
                    ) -> torch.Tensor:
     """Like :func:`cut_crops` but reads only each window's pixels (for lazy or huge images).

@@ -1,4 +1,4 @@
-"""Fusion (SPEC section 2, step 4): paste per-box results back at full resolution, OR-ed.
+"""Fusion (the paper's step 4): paste per-box results back at full resolution, OR-ed.
 
 Two ways to run the same rule. On a CPU, box by box: resize, threshold, OR into a slice (cheap,
 no padding). On a GPU that loop costs kernel launches per box, so there all boxes go at once: a
@@ -49,18 +49,22 @@ def resize_weights(src: int, sides: torch.Tensor, rows: int) -> torch.Tensor:
 
 def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int],
          threshold: float = 0.5, device: str | torch.device | None = None,
-         batched: bool | None = None, memory_bytes: float = FUSE_MEMORY_BYTES) -> np.ndarray:
+         batched: bool | None = None, memory_bytes: float = FUSE_MEMORY_BYTES,
+         region: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Full-resolution bool mask from per-box ``S x S`` probabilities.
 
     Each probability map covers its box's square crop window; it is resized to the window,
     thresholded, and only the part inside the box (and the image) is pasted. Overlaps are OR-ed;
     pixels outside every box are background. ``device`` (default: where ``probs`` are) runs it;
-    ``batched`` (default: on GPUs only) picks the all-boxes-at-once way.
+    ``batched`` (default: on GPUs only) picks the all-boxes-at-once way. With ``region``
+    ``(y0, x0, y1, x1)`` only that part of the image is made (one output chunk of a slide).
     """
     h, w = int(hw[0]), int(hw[1])
+    ry0, rx0, ry1, rx1 = region if region is not None else (0, 0, h, w)
+    rh, rw = ry1 - ry0, rx1 - rx0
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     if len(boxes) == 0:
-        return np.zeros((h, w), dtype=bool)
+        return np.zeros((rh, rw), dtype=bool)
     probs = torch.as_tensor(probs)
     dev = torch.device(device) if device is not None else probs.device
     probs = probs.detach().to(dev, torch.float32)
@@ -68,12 +72,20 @@ def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int
     sides = np.maximum(1, np.round(windows[:, 2])).astype(np.int64)
     origin = np.round(windows[:, :2]).astype(np.int64)
     if not (dev.type != "cpu" if batched is None else batched):
-        mask = torch.zeros((h, w), dtype=torch.bool, device=dev)
+        mask = torch.zeros((rh, rw), dtype=torch.bool, device=dev)
         for prob, (y0, x0, y1, x1), (oy, ox), n in zip(probs, boxes.tolist(), origin.tolist(),
                                                        sides.tolist(), strict=True):
+            y0, x0, y1, x1 = max(y0, ry0), max(x0, rx0), min(y1, ry1), min(x1, rx1)
+            if y1 <= y0 or x1 <= x0:
+                continue
             part = resize_prob(prob[None], (n, n))[0, y0 - oy:y1 - oy, x0 - ox:x1 - ox] >= threshold
-            mask[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part
+            mask[y0 - ry0:y0 - ry0 + part.shape[0], x0 - rx0:x0 - rx0 + part.shape[1]] |= part
         return mask.cpu().numpy()
+    # Boxes clipped to the region; then everything is in region coordinates.
+    boxes = np.concatenate([np.maximum(boxes[:, :2], (ry0, rx0)), np.minimum(boxes[:, 2:], (ry1, rx1))], 1)
+    boxes = boxes - (ry0, rx0, ry0, rx0)
+    origin = origin - (ry0, rx0)
+    h, w = rh, rw
     # One extra slot takes every write outside its box or below threshold: no masking sync.
     out = torch.zeros(h * w + 1, dtype=torch.uint8, device=dev)
     order = np.argsort(sides, kind="stable")

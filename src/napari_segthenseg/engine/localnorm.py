@@ -1,0 +1,119 @@
+"""Intensity windows that follow a slide: min-max over about one training image around each point.
+
+Training normalises every image by its own min and max, computed on the downscaled copy the
+rough net sees (docs/WHOLE_SLIDES.md). On a slide one window for everything is wrong (a dim
+field next to a bright one stays dim), so the slide is cut into cells of half the training
+window; each cell's min and max are taken at the rough scale, and the window at a cell is the
+min and max over it and its 8 neighbours (about 1.5 training images across). Rough-net tiles
+interpolate that window per pixel, crops take it at their box centre, so both stages normalise
+a place alike. The cell grid is small (one entry per ~128 x 128 px), is computed once by
+:func:`survey` in bounded memory, and is shared by every tile and chunk.
+
+Cells with no contrast at all are marked flat: a rough tile made only of flat cells holds
+nothing to find and is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .image import ImageSource
+from .progress import Progress
+
+SURVEY_BLOCK = 1024  # rough px per side read at once by the survey
+FLAT_FRACTION = 0.01  # a cell whose range is below this share of the slide's range is flat
+# Empty places hold only noise; min-max would stretch it to full contrast, which the net never
+# saw in training (every training image holds objects). Windows are at least this share of the
+# slide's range wide.
+MIN_CONTRAST = 0.15
+
+
+@dataclass
+class LocalWindows:
+    """Per-cell intensity windows of an image seen at ``scale`` image px per rough px."""
+
+    scale: float
+    cell: int  # cell side in rough px
+    lo: np.ndarray  # (gy, gx) window low per cell (after the 3 x 3 neighbourhood)
+    hi: np.ndarray
+    flat: np.ndarray  # (gy, gx) bool: the cell has no contrast
+
+    def _fields(self) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.lo, self.hi]).astype(np.float32))[None]
+
+    def window_at(self, ry: np.ndarray, rx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bilinear window (lo, hi) at rough-pixel coordinates (pixel-edge units)."""
+        gy, gx = self.lo.shape
+        u = torch.as_tensor(np.asarray(rx, dtype=np.float32) / (self.cell * gx) * 2 - 1)
+        v = torch.as_tensor(np.asarray(ry, dtype=np.float32) / (self.cell * gy) * 2 - 1)
+        grid = torch.stack([u, v], dim=-1).reshape(1, 1, -1, 2)
+        out = F.grid_sample(self._fields(), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)[0, :, 0]
+        return out[0].numpy(), out[1].numpy()
+
+    def apply_to_region(self, x: torch.Tensor, ry0: int, rx0: int) -> torch.Tensor:
+        """Normalise a rough-scale block (C, h, w) whose top-left rough pixel is (ry0, rx0)."""
+        h, w = x.shape[-2:]
+        gy, gx = self.lo.shape
+        ys = (torch.arange(h, dtype=torch.float32) + 0.5 + ry0) / (self.cell * gy) * 2 - 1
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5 + rx0) / (self.cell * gx) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None]
+        lo, hi = F.grid_sample(self._fields(), grid, mode="bilinear", padding_mode="border",
+                               align_corners=False)[0].to(x.device)
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+    def apply_to_crops(self, x: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
+        """Normalise crops (N, C, S, S) with the window at each box's centre."""
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        lo, hi = self.window_at((b[:, 0] + b[:, 2]) / 2 / self.scale, (b[:, 1] + b[:, 3]) / 2 / self.scale)
+        lo_t = torch.as_tensor(lo, device=x.device)[:, None, None, None]
+        hi_t = torch.as_tensor(hi, device=x.device)[:, None, None, None]
+        return (x - lo_t) / (hi_t - lo_t).clamp_min(1e-8)
+
+    def flat_region(self, ry0: int, rx0: int, ry1: int, rx1: int) -> bool:
+        """Whether every cell touching the rough-pixel region is flat."""
+        c = self.cell
+        return bool(self.flat[ry0 // c:math.ceil(ry1 / c), rx0 // c:math.ceil(rx1 / c)].all())
+
+
+def cell_side(window: int, scale: float) -> int:
+    """Cells are half a training window wide, in rough px (at least 4)."""
+    return max(4, int(round(window / scale / 2)))
+
+
+def survey(src: ImageSource, scale: float, window: int, rough_hw: tuple[int, int],
+           device: torch.device) -> Generator[Progress, None, LocalWindows]:
+    """Read the image once at ``scale`` in blocks and build its :class:`LocalWindows`."""
+    cell = cell_side(window, scale)
+    block = max(cell, SURVEY_BLOCK // cell * cell)  # whole cells per block
+    rh, rw = rough_hw
+    gy, gx = math.ceil(rh / cell), math.ceil(rw / cell)
+    cmin = np.zeros((gy, gx), np.float32)
+    cmax = np.zeros((gy, gx), np.float32)
+    starts = [(y, x) for y in range(0, rh, block) for x in range(0, rw, block)]
+    for i, (y, x) in enumerate(starts):
+        yield Progress("survey: intensity windows", i, len(starts))
+        by1, bx1 = min(y + block, rh), min(x + block, rw)
+        # Rough pixels past the image edge are not read: the last block stops at the image.
+        h_img, w_img = min(by1 * scale, src.height), min(bx1 * scale, src.width)
+        out_hw = (max(1, round((h_img - y * scale) / scale)), max(1, round((w_img - x * scale) / scale)))
+        t = src.read_scaled(y * scale, x * scale, h_img, w_img, scale, out_hw, device)
+        hi = F.max_pool2d(t.amax(0)[None, None], cell, ceil_mode=True)[0, 0].cpu().numpy()
+        lo = -F.max_pool2d(-t.amin(0)[None, None], cell, ceil_mode=True)[0, 0].cpu().numpy()
+        cy, cx = y // cell, x // cell
+        cmax[cy:cy + hi.shape[0], cx:cx + hi.shape[1]] = hi
+        cmin[cy:cy + lo.shape[0], cx:cx + lo.shape[1]] = lo
+    yield Progress("survey: intensity windows", len(starts), len(starts))
+    span = float(cmax.max() - cmin.min()) if cmax.size else 0.0
+    flat = (cmax - cmin) <= FLAT_FRACTION * span
+    lo = ndimage.minimum_filter(cmin, size=3, mode="nearest")
+    hi = ndimage.maximum_filter(cmax, size=3, mode="nearest")
+    hi = np.maximum(hi, lo + MIN_CONTRAST * max(span, 1e-8))
+    return LocalWindows(float(scale), cell, lo, hi, flat)

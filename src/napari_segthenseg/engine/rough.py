@@ -1,0 +1,184 @@
+"""The rough pass (the paper's step 1) and the boxes it gives (step 2), at any image size.
+
+An image the rough net's training covers is squashed to S x S, as in the paper. A larger or
+more elongated one is seen at the trained scale instead (docs/WHOLE_SLIDES.md): the image is
+read at ``scale`` image px per rough px from the nearest pyramid level, in tiles with a margin
+of context on each side (the net is fully convolutional, so overlapping tiles whose margins
+are dropped leave no seams), flat tiles skipped, and the tiles' masks stitched into one rough
+mask. Components are found on that stitched mask, so an object is one box whatever tile it
+falls in: with SciPy when the rough mask fits in memory, with dask-image when it does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .boxes import component_boxes, finalize_boxes, scale_boxes
+from .image import ImageSource, NormStats, compute_stats, match_channels
+from .localnorm import LocalWindows, survey
+from .progress import Progress
+from .scale import RoughPlan
+
+if TYPE_CHECKING:
+    from .pipeline import Engine
+
+TILE = 512  # rough px of output per tile side
+MARGIN = 32  # rough px of context dropped on each side (about the U-Net's reach at depth 4)
+IN_MEMORY_LABEL_PX = 32 * 2**20  # larger rough masks are labelled lazily (dask-image)
+
+
+@dataclass
+class RoughResult:
+    """The rough pass: probabilities and mask on the rough grid, and the intensity windows."""
+
+    prob: np.ndarray | None  # float32; None when the rough mask lives on disk (slides)
+    mask: object  # bool (S, S) or (H/scale, W/scale): NumPy, or an on-disk zarr array
+    stats: NormStats | LocalWindows  # intensity windows, reused for the crops
+    plan: RoughPlan
+    tiles_run: int = 1
+    tiles_skipped: int = 0
+
+
+def tile_grid(rough_hw: tuple[int, int], tile: int = TILE) -> list[tuple[int, int, int, int]]:
+    """Output tiles ``(y0, x0, y1, x1)`` covering the rough grid, row by row."""
+    rh, rw = rough_hw
+    return [(y, x, min(y + tile, rh), min(x + tile, rw))
+            for y in range(0, rh, tile) for x in range(0, rw, tile)]
+
+
+def global_stats(engine: Engine, src: ImageSource) -> NormStats:
+    """The paper's per-image window, from the S x S copy (ordinary images)."""
+    return compute_stats(engine.small(src), engine.settings.normalisation, src.dtype)
+
+
+def windows_for(engine: Engine, src: ImageSource, plan: RoughPlan
+                ) -> Generator[Progress, None, NormStats | LocalWindows]:
+    """Intensity windows for ``plan``: one per image, or local ones (tiled min-max)."""
+    s = engine.settings
+    if not plan.tiled:
+        return global_stats(engine, src)
+    if s.normalisation != "minmax":  # fixed windows (dtype range, none) mean the same everywhere
+        return compute_stats(torch.zeros(1), s.normalisation, src.dtype)
+    return (yield from survey(src, plan.scale, plan.window, plan.rough_hw(src.hw, s.size), engine.device))
+
+
+def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: object | None = None
+               ) -> Generator[Progress, None, RoughResult]:
+    """Step 1 for ``plan``. ``mask_out`` (tiled only) receives the rough mask, e.g. an on-disk
+    zarr array for a slide; by default it is kept in memory with the probabilities."""
+    s = engine.settings
+    if not plan.tiled:
+        yield Progress("rough pass", 0, 1)
+        with engine.timed("rough_read"):
+            small = engine.small(src)
+            stats = compute_stats(small, s.normalisation, src.dtype)
+            x = stats.apply(small)[None]
+        with engine.timed("rough_net"):
+            prob = engine.forward(engine.rough_net, x)[0].cpu().numpy()
+        return RoughResult(prob, prob >= s.threshold, stats, plan)
+    with engine.timed("survey"):
+        stats = yield from windows_for(engine, src, plan)
+    rough_hw = plan.rough_hw(src.hw, s.size)
+    prob_out = None
+    if mask_out is None:
+        mask_out = np.zeros(rough_hw, dtype=bool)
+        prob_out = np.zeros(rough_hw, dtype=np.float32)
+    tiles = tile_grid(rough_hw)
+    run = skipped = 0
+    step = 2 ** engine.rough_net.depth
+    for i, (y0, x0, y1, x1) in enumerate(tiles):
+        yield Progress(f"rough pass: tile {i + 1}/{len(tiles)}", i, len(tiles))
+        if isinstance(stats, LocalWindows) and stats.flat_region(y0, x0, y1, x1):
+            skipped += 1
+            continue
+        # Input: the tile plus a margin, rounded up to what the U-Net's poolings divide.
+        ih = math.ceil((y1 - y0 + 2 * MARGIN) / step) * step
+        iw = math.ceil((x1 - x0 + 2 * MARGIN) / step) * step
+        ry0, rx0 = y0 - MARGIN, x0 - MARGIN
+        with engine.timed("rough_read"):
+            f = plan.scale
+            t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), engine.device)
+            t = stats.apply_to_region(t, ry0, rx0) if isinstance(stats, LocalWindows) else stats.apply(t)
+            x = match_channels(t, s.in_channels)[None]
+        with engine.timed("rough_net"):
+            p = engine.forward(engine.rough_net, x)[0, MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
+            p = p.cpu().numpy()
+        mask_out[y0:y1, x0:x1] = p >= s.threshold
+        if prob_out is not None:
+            prob_out[y0:y1, x0:x1] = p
+        run += 1
+    yield Progress("rough pass", len(tiles), len(tiles))
+    return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
+
+
+def rough_boxes(rough: RoughResult, hw: tuple[int, int], pad: int, min_box: int) -> np.ndarray:
+    """Step 2: StS boxes at full resolution from the rough mask.
+
+    Components are labelled on the rough grid (cheap) and their boxes scaled up: for the
+    whole-image pass that is the equivalent of the paper's upsample-then-label Algorithm 1;
+    tiled, a rough pixel is exactly ``scale`` image pixels.
+    """
+    mask = rough.mask
+    if isinstance(mask, np.ndarray) or int(np.prod(mask.shape)) <= IN_MEMORY_LABEL_PX:
+        raw = component_boxes(np.asarray(mask[...]))
+    else:
+        raw = lazy_component_boxes(mask)
+    rh, rw = (int(v) for v in mask.shape)
+    if rough.plan.tiled:
+        f = rough.plan.scale
+        raw = scale_boxes(raw, (rh, rw), (rh * f, rw * f))
+        raw = np.minimum(raw, (hw[0], hw[1], hw[0], hw[1]))
+    else:
+        raw = scale_boxes(raw, (rh, rw), hw)
+    return finalize_boxes(raw, hw, pad, min_box)
+
+
+def lazy_component_boxes(mask: object, chunk: int = 2048) -> np.ndarray:
+    """Bounding boxes of the 8-connected components of an array too large for memory.
+
+    dask-image labels the array chunk by chunk and merges labels across chunk borders; each
+    labelled chunk then reports its labels' extents, and the extents of one label are joined.
+    """
+    import dask
+    import dask.array as da
+    from dask_image.ndmeasure import label
+
+    arr = da.from_array(mask, chunks=chunk) if not isinstance(mask, da.Array) else mask
+    labels, n = label(arr > 0, structure=np.ones((3, 3), dtype=bool))
+    n = int(n)
+    offsets = [np.cumsum((0,) + c) for c in labels.chunks]
+    blocks = labels.to_delayed()
+    parts = dask.compute(*[
+        dask.delayed(_block_extents)(blocks[i, j], offsets[0][i], offsets[1][j])
+        for i in range(blocks.shape[0]) for j in range(blocks.shape[1])])
+    ext = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+    big = np.iinfo(np.int64).max
+    out = np.tile(np.array([big, big, -1, -1], dtype=np.int64), (n + 1, 1))
+    np.minimum.at(out[:, 0], ext[:, 0], ext[:, 1])
+    np.minimum.at(out[:, 1], ext[:, 0], ext[:, 2])
+    np.maximum.at(out[:, 2], ext[:, 0], ext[:, 3])
+    np.maximum.at(out[:, 3], ext[:, 0], ext[:, 4])
+    out = out[1:][out[1:, 2] >= 0]
+    return out[np.lexsort((out[:, 1], out[:, 0]))]
+
+
+def _block_extents(block: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """``(label, y0, x0, y1, x1)`` of every label in one labelled chunk (global coordinates)."""
+    from scipy import ndimage
+
+    ids, compact = np.unique(block, return_inverse=True)
+    compact = compact.reshape(block.shape)
+    rows = []
+    for k, sl in enumerate(ndimage.find_objects(compact), start=1):
+        if sl is not None and ids[k] != 0:
+            rows.append((ids[k], sl[0].start + y0, sl[1].start + x0, sl[0].stop + y0, sl[1].stop + x0))
+    if ids[0] != 0:  # no background in this chunk: label 0 of `compact` is a real object
+        ys, xs = np.nonzero(compact == 0)
+        rows.append((ids[0], ys.min() + y0, xs.min() + x0, ys.max() + 1 + y0, xs.max() + 1 + x0))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
