@@ -1,7 +1,8 @@
-"""Data folders: reading, splits and up-front validation with errors that name the file."""
+"""Data folders: reading, splits, up-front validation with errors that name the file, and content checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,11 +13,18 @@ import tifffile
 
 from trainer.data import (
     DataError,
+    check_has_both_classes,
+    fingerprint,
+    fingerprint_changes,
+    image_stems,
     list_images,
     load_samples,
     load_splits,
+    load_stems,
     read_image,
     read_mask,
+    scan_stems,
+    shared_images,
 )
 
 
@@ -134,3 +142,37 @@ def test_real_dsb2018_val(dsb_dir):
     assert [s.stem for s in samples] == ids
     for s in samples[:5]:
         assert s.mask.dtype == bool and s.mask.shape == s.image.shape[:2] and s.mask.any()
+
+
+def test_content_checks_and_fingerprints(tmp_path):
+    root = make_folder(tmp_path / "d", n=4)
+    (root / "images" / "im03.png").write_bytes((root / "images" / "im00.png").read_bytes())
+    assert image_stems(root) == ["im00", "im01", "im02", "im03"]
+    infos = scan_stems(root, ["im00", "im01", "im02", "im03"])
+    assert [i.stem for i in infos] == ["im00", "im01", "im02", "im03"] and infos[0].hw == (24, 30)
+    assert infos[3].image == infos[0].image and infos[1].image != infos[0].image  # same pixels
+    notes = shared_images({"train": infos[:2], "val": infos[1:]}, "train")
+    assert notes == ["1 image(s) of 'val' are also in 'train' (same stem), e.g. im01",
+                     "1 image(s) of 'val' have the same pixels as one in 'train', e.g. im03 = im00"]
+    check_has_both_classes(infos, "x")
+    empty = [dataclasses.replace(i, foreground=0) for i in infos]
+    with pytest.raises(DataError, match="all 4 masks of the training images are empty"):
+        check_has_both_classes(empty, "the training images")
+    full = [dataclasses.replace(i, foreground=i.hw[0] * i.hw[1]) for i in infos]
+    with pytest.raises(DataError, match="completely foreground"):
+        check_has_both_classes(full, "x")
+    fp = fingerprint({"train": infos[:3], "select": infos[3:]})
+    assert fingerprint_changes(fp, fingerprint({"train": infos[:3], "select": infos[3:]})) == []
+    changed = dataclasses.replace(infos[1], mask="0" * 64)
+    now = fingerprint({"train": [infos[0], changed], "select": infos[3:]})
+    assert fingerprint_changes(fp, now) == ["train images (3 then, 2 now): 1 gone (e.g. im02), "
+                                            "1 changed (e.g. im01)"]
+
+
+def test_scan_reports_bad_files_like_load(tmp_path):
+    root = make_folder(tmp_path / "d", n=3)
+    (root / "images" / "im02.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match=r"(?s)1 problem.*im02.png: cannot read image"):
+        scan_stems(root, ["im00", "im02"])
+    with pytest.raises(DataError, match="no image for 1 stem"):
+        load_stems(root, ["im00", "nope"])

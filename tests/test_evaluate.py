@@ -122,3 +122,87 @@ def test_clear_errors_write_nothing(small_set, tmp_path, capsys):
     assert "no split 'test'" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.pt"), str(small_set)]) == 2
     assert not out.exists()
+
+
+def synthetic_folder(root: Path, n: int = 6) -> Path:
+    """``n`` small RGB images with a rectangle each, and no splits.json."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        mask = np.zeros((40, 48), np.uint8)
+        mask[5 + i:20 + i, 8:30] = 1
+        image = (mask[..., None] * 120 + rng.integers(0, 60, (40, 48, 3))).astype(np.uint8)
+        iio.imwrite(root / "images" / f"s{i}.png", image)
+        iio.imwrite(root / "masks" / f"s{i}.png", mask * 255)
+    return root
+
+
+def fake_run(root: Path, splits: dict, select_on: str = "holdout") -> Path:
+    """A training run folder as segthenseg-train leaves it: model.pt and the run's splits.json."""
+    root.mkdir(parents=True)
+    model = make_tiny_model(32)
+    model.settings.notes = {"select_on": select_on}
+    save_model(model, root / "model.pt")
+    (root / "splits.json").write_text(json.dumps(splits))
+    return root
+
+
+RUN_SPLITS = {"train": ["s0", "s1", "s2"], "holdout": ["s3"], "val": ["s4", "s5"]}
+
+
+def test_eval_scores_the_runs_unseen_images(tmp_path, capsys):
+    data = synthetic_folder(tmp_path / "d")
+    run = fake_run(tmp_path / "run", RUN_SPLITS)
+    out = tmp_path / "s.json"
+    for model in (run / "model.pt", run):  # the model file in its run folder, or the folder itself
+        assert main([str(model), str(data), "--csv", str(out.with_suffix(".csv")), "--json", str(out)]) == 0
+        captured = capsys.readouterr()
+        assert "split 'val', 2 image(s)" in captured.out and "WARNING" not in captured.err
+        assert [r["stem"] for r in read_rows(out.with_suffix(".csv"))] == ["s4", "s5"]
+        summary = json.loads(out.read_text())
+        assert summary["split"] == "val" and summary["warnings"] == [] and str(run) in summary["splits_from"]
+    elsewhere = save_model(make_tiny_model(32), tmp_path / "m.pt")
+    assert main([str(elsewhere), str(data), "--run", str(run), "--split", "holdout", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(out.read_text())["n_images"] == 1
+    assert "WARNING: split 'holdout' chose the model's checkpoints" in captured.err
+    assert main([str(run), str(data), "--split", "train"]) == 0
+    assert "WARNING: split 'train' holds the images the networks were trained on" in capsys.readouterr().err
+
+
+def test_eval_prefers_test_when_the_run_selected_on_val(tmp_path, capsys):
+    data = synthetic_folder(tmp_path / "d")
+    run = fake_run(tmp_path / "run", {"train": ["s0", "s1", "s2"], "val": ["s3"], "test": ["s4", "s5"]},
+                   select_on="val")
+    assert main([str(run), str(data)]) == 0
+    assert "split 'test', 2 image(s)" in capsys.readouterr().out
+    assert main([str(run), str(data), "--split", "val"]) == 0
+    assert "split 'val' chose the model's checkpoints" in capsys.readouterr().err
+
+
+def test_eval_without_splits_or_run_warns_loudly(tmp_path, capsys):
+    data = synthetic_folder(tmp_path / "d")
+    model = save_model(make_tiny_model(32), tmp_path / "m.pt")
+    out = tmp_path / "s.json"
+    assert main([str(model), str(data), "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "segthenseg-eval: WARNING:" in captured.err and "ALL images" in captured.err
+    assert "may include the images the model was trained on" in captured.err
+    assert captured.out.rstrip().splitlines()[-1].startswith("WARNING:")  # repeated under the table
+    assert json.loads(out.read_text())["warnings"]
+    assert main([str(model), str(data), "--split", "val"]) == 0
+    assert "rebuilt from --seed 2022" in capsys.readouterr().err
+
+
+def test_eval_run_problems_are_clear(tmp_path, capsys):
+    data = synthetic_folder(tmp_path / "d")
+    run = fake_run(tmp_path / "run", {"train": ["s0"], "val": ["x9"]})
+    assert main([str(run), str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "'x9'" in err and "is " + str(data) + " the data the run" in err
+    assert main([str(run / "model.pt"), str(data), "--run", str(tmp_path)]) == 2
+    assert "no splits.json there" in capsys.readouterr().err
+    run2 = fake_run(tmp_path / "run2", RUN_SPLITS)
+    assert main([str(run2), str(data), "--split", "test"]) == 2
+    assert "no split 'test'; available: holdout, train, val" in capsys.readouterr().err

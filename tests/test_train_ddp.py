@@ -26,7 +26,8 @@ def test_torchrun_two_cpu_processes(dsb_dir: Path, tmp_path: Path):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "batch 2 x 2 process(es), cpu (DDP, gloo)" in res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.csv", "model.pt", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt", "metrics.csv",
+                                                     "model.pt", "splits.json", "train.log"]
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["stage"], r["epoch"]) for r in rows] == [("rough", "1"), ("rough", "2"), ("fine", "1"),

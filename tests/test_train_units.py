@@ -1,6 +1,10 @@
-"""Trainer building blocks: GT crops with the engine's rules, augmentation, losses, checkpoints."""
+"""Trainer building blocks: GT crops with the engine's rules, augmentation, losses, checkpoints (damage,
+fallback to the previous one, temporary files)."""
 
 from __future__ import annotations
+
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -8,7 +12,21 @@ import torch
 
 from napari_segthenseg.engine import Engine, ModelSettings, StSModel, UNet, square_pad_shift
 from trainer.augment import AugmentSettings, apply_affines, augment_batch, random_affines
-from trainer.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    CHECKPOINT_NAME,
+    DAMAGED_NAME,
+    FORMAT,
+    PREVIOUS_NAME,
+    VERSION,
+    CheckpointError,
+    check_compatible,
+    find_resumable,
+    load_checkpoint,
+    read_checkpoint,
+    remove_temporary,
+    save_checkpoint,
+    set_aside,
+)
 from trainer.data import Sample
 from trainer.gtcrops import (
     FineData,
@@ -119,14 +137,90 @@ def test_losses():
     assert dice_per_item(pred, target).tolist() == [1.0, 0.5, 0.0]  # empty vs empty scores 1
 
 
+def flip_middle(path, n: int = 8) -> None:
+    """Invert ``n`` bytes in the middle of the largest tensor stored in a checkpoint (a zip archive;
+    the exact middle of a small file can be alignment padding, which holds no data)."""
+    with zipfile.ZipFile(path) as z:
+        rec = max(z.infolist(), key=lambda i: i.compress_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[rec.header_offset + 26:rec.header_offset + 30])
+    mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
+    raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
+    path.write_bytes(bytes(raw))
+
+
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
     assert load_checkpoint(tmp_path) is None
     save_checkpoint(tmp_path, {"epoch": 3, "w": torch.ones(2), "rows": "[]"})
     state = load_checkpoint(tmp_path)
-    assert state["epoch"] == 3 and torch.equal(state["w"], torch.ones(2))
+    assert state["epoch"] == 3 and torch.equal(state["w"], torch.ones(2)) and state["version"] == VERSION
+    assert "sha256" in state
     assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
-    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="size: checkpoint 64, now 32"):
         check_compatible({"size": 64}, {"size": 32}, ("size",))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "is damaged: its content does not match the checksum"),
+    ("garbage", "is not a training checkpoint: it is not a PyTorch zip archive"),
+    ("empty", "is empty"),
+    ("truncate", "is truncated"),
+    ("folder", "is a folder"),
+])
+def test_damaged_checkpoints_are_refused_with_what_is_wrong(tmp_path, damage, message):
+    save_checkpoint(tmp_path, {"epoch": 3, "w": torch.arange(20000, dtype=torch.float32)})
+    path = tmp_path / CHECKPOINT_NAME
+    if damage == "flip":
+        flip_middle(path)
+    elif damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+        path.mkdir()
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(tmp_path)
+    assert "weights_only" not in str(info.value)  # never the advice to load it unsafely
+
+
+def test_previous_checkpoint_is_kept_and_used_when_the_latest_is_damaged(tmp_path):
+    save_checkpoint(tmp_path, {"epoch": 1, "w": torch.zeros(20000)})
+    assert not (tmp_path / PREVIOUS_NAME).exists()
+    save_checkpoint(tmp_path, {"epoch": 2, "w": torch.ones(20000)})
+    assert read_checkpoint(tmp_path / PREVIOUS_NAME)["epoch"] == 1
+    found = find_resumable(tmp_path)
+    assert found.state["epoch"] == 2 and found.problem is None
+    flip_middle(tmp_path / CHECKPOINT_NAME)
+    found = find_resumable(tmp_path)
+    assert found.state["epoch"] == 1 and found.path.name == PREVIOUS_NAME and "damaged" in found.problem
+    assert set_aside(tmp_path).name == DAMAGED_NAME and not (tmp_path / CHECKPOINT_NAME).exists()
+    save_checkpoint(tmp_path, {"epoch": 2, "w": torch.ones(20000)})  # the damaged one never becomes prev
+    assert read_checkpoint(tmp_path / PREVIOUS_NAME)["epoch"] == 1
+    flip_middle(tmp_path / CHECKPOINT_NAME)
+    flip_middle(tmp_path / PREVIOUS_NAME)
+    with pytest.raises(CheckpointError, match="cannot be used either.*To start over, move the folder"):
+        find_resumable(tmp_path)
+    (tmp_path / PREVIOUS_NAME).unlink()
+    with pytest.raises(CheckpointError, match="no previous checkpoint.*new --out"):
+        find_resumable(tmp_path)
+
+
+def test_version_1_checkpoints_still_resume(tmp_path):
+    torch.save({"format": FORMAT, "version": 1, "epoch": 4}, tmp_path / CHECKPOINT_NAME)
+    found = find_resumable(tmp_path)
+    assert found.version == 1 and found.state["epoch"] == 4
+    torch.save({"format": FORMAT, "version": 99}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(tmp_path)
+
+
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
+    names = [".checkpoint.pt.abc.tmp", ".model.pt.x1.tmp", ".metrics.csv.q.tmp", ".other.txt.q.tmp"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"half")
+    gone = remove_temporary(tmp_path, ("checkpoint.pt", "model.pt", "metrics.csv"))
+    assert sorted(p.name for p in gone) == sorted(names[:3])
+    assert [p.name for p in tmp_path.iterdir()] == [".other.txt.q.tmp"]  # only our own names

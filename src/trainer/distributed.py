@@ -27,10 +27,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        return self.joined
-
 
 def setup(device: str) -> DistInfo:
     """Resolve the device and, under ``torchrun``, join the process group."""
@@ -55,18 +51,18 @@ def setup(device: str) -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.active and dist.is_initialized():
+    if info.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
-    if info.active:
+    if info.joined:
         dist.barrier()
 
 
 def all_sum(values: list[float], info: DistInfo) -> list[float]:
     """Sum numbers over all ranks (e.g. Dice sums and counts of each rank's validation shard)."""
-    if not info.active:
+    if not info.joined:
         return list(values)
     backend_dev = info.device if info.device.type == "cuda" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=backend_dev)

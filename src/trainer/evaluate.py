@@ -4,6 +4,10 @@ Per image at original resolution, one rough pass feeds both methods: the **basel
 rough probability map upsampled (the paper's baseline), **StS** boxes the rough mask, refines
 the full-resolution crops and fuses them. Prints mean ± std like the paper's tables and writes
 per-image rows (CSV) and a summary (JSON).
+
+Which images: a training run's own split (``--run DIR``, or a model file with the run's
+``splits.json`` beside it) so that scores never silently include training images; else the data
+folder's ``splits.json``; else every image, with a warning. See docs/TRAINING.md.
 """
 
 from __future__ import annotations
@@ -14,21 +18,31 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from napari_segthenseg.engine import Engine, ModelFileError, StSModel, load_model
-from napari_segthenseg.engine.device import DEVICE_CHOICES
+from napari_segthenseg.engine import DEFAULT_MODEL_NAME, Engine, ModelFileError, StSModel, load_model
 
-from .data import DataError, Sample, has_splits_file, load_samples
+from .config import DEFAULT_SEED
+from .data import (
+    SPLITS_NAME,
+    DataError,
+    Sample,
+    has_splits_file,
+    image_stems,
+    load_samples,
+    load_stems,
+    read_splits_file,
+)
 from .metrics import METRICS, format_table, scores, summarize
 
 METHODS = ("baseline", "sts")
 TITLES = {"baseline": "baseline", "sts": "StS"}
 BASELINE_STAGES = ("rough_read", "rough_net", "upsample")
-STS_STAGES = ("rough_read", "rough_net", "boxes", "crop", "fine_net", "to_host", "paste")
+STS_STAGES = ("survey", "rough_read", "rough_net", "boxes", "crop", "fine_net", "to_host", "paste")
 
 
 class CliError(Exception):
@@ -47,22 +61,92 @@ def open_engine(model: str, device: str) -> Engine:
 
 
 def choose_split(data: Path, split: str | None) -> str | None:
-    """``--split`` if given; else ``val`` when ``splits.json`` exists; else every image (``None``)."""
+    """Without a run: ``--split`` if given; else ``val`` when ``splits.json`` exists; else every image."""
     if split is not None:
         return split
     return "val" if has_splits_file(data) else None
 
 
+@dataclass
+class Selection:
+    """The images to score and where that choice came from."""
+
+    split: str | None  # None: every image of the folder
+    samples: list[Sample]
+    source: str  # e.g. "run runs/x (runs/x/splits.json)", "DATA/splits.json", "no splits.json"
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_run(model: str, run: Path | None) -> tuple[str, Path | None]:
+    """The model file to load and the training run folder whose ``splits.json`` says what is unseen.
+
+    ``--run DIR`` names the run; a run folder given as the model means its ``model.pt``; a model
+    file with a ``splits.json`` beside it (as in the run folder ``segthenseg-train`` writes) is one.
+    """
+    if run is not None:
+        if not (run / SPLITS_NAME).is_file():
+            raise CliError(f"--run {run}: no {SPLITS_NAME} there (segthenseg-train writes it into its --out "
+                           "folder)")
+        return model, run
+    if model == DEFAULT_MODEL_NAME:
+        return model, None
+    p = Path(model)
+    if p.is_dir() and (p / "model.pt").is_file():
+        return str(p / "model.pt"), p if (p / SPLITS_NAME).is_file() else None
+    if p.is_file() and (p.parent / SPLITS_NAME).is_file():
+        return model, p.parent
+    return model, None
+
+
+def select_images(data: Path, split: str | None, seed: int, run: Path | None,
+                  selected_on: str | None) -> Selection:
+    """The samples to score: the run's unseen split, else the data's split, else all (with a warning).
+
+    ``selected_on`` is the split that chose the model's checkpoints (from its notes), if known.
+    """
+    if run is None:
+        name = choose_split(data, split)
+        samples = load_samples(data, name, seed=seed)
+        if has_splits_file(data):
+            return Selection(name, samples, str(data / SPLITS_NAME))
+        if name is None:
+            warn = (f"{data} has no {SPLITS_NAME} and no training run was given (--run DIR, or a model file "
+                    "inside its run folder): scoring ALL images, which may include the images the model "
+                    "was trained on, so the scores may be optimistic")
+        else:
+            warn = (f"{data} has no {SPLITS_NAME}: split {name!r} is rebuilt from --seed {seed}; it is the "
+                    "training run's split only if the model was trained on this folder with that seed (pass "
+                    "--run DIR to use the run's own split)")
+        return Selection(name, samples, f"no {SPLITS_NAME}", [warn])
+    path = run / SPLITS_NAME
+    try:
+        splits = read_splits_file(path, image_stems(data), data / "images")
+    except DataError as exc:
+        raise CliError(f"{exc} (is {data} the data the run in {run} was trained on?)") from None
+    if split is None:
+        order = ("test", "val") if selected_on == "val" else ("val", "test")
+        split = next((k for k in (*order, "holdout") if splits.get(k)), None)
+        if split is None:
+            raise CliError(f"{path}: no images outside training to score (splits: "
+                           f"{', '.join(sorted(splits))}); choose one with --split")
+    elif split not in splits:
+        raise CliError(f"{path}: no split {split!r}; available: {', '.join(sorted(splits))}")
+    if not splits[split]:
+        raise CliError(f"{path}: split {split!r} is empty")
+    warnings = []
+    if split == "train":
+        warnings.append("split 'train' holds the images the networks were trained on: these scores say "
+                        "nothing about new images")
+    elif split == "holdout" or split == selected_on:
+        warnings.append(f"split {split!r} chose the model's checkpoints: the scores are somewhat optimistic")
+    return Selection(split, load_stems(data, splits[split]), f"run {run} ({path})", warnings)
+
+
 def evaluate_image(engine: Engine, sample: Sample) -> dict[str, object]:
     """One per-image row: both methods' metrics, mask sizes and per-method seconds."""
     hw = sample.mask.shape
-    engine.timings = {}
-    rough = engine.rough(sample.image)
-    base = engine.baseline(rough, hw)
-    boxes = engine.boxes(rough.mask, hw)
-    probs = engine.refine(sample.image, boxes, rough.stats)
-    sts = engine.fuse(probs, boxes, hw)
-    t = engine.timings
+    res = engine.segment(sample.image, baseline=True)  # one rough pass feeds both methods
+    base, sts, boxes, t = res.baseline, res.mask, res.boxes, res.timings
     row: dict[str, object] = {
         "stem": sample.stem, "height": hw[0], "width": hw[1], "n_boxes": len(boxes),
         "gt_pixels": int(np.count_nonzero(sample.mask)),
@@ -110,7 +194,7 @@ def evaluate_samples(engine: Engine, samples: Sequence[Sample],
 
 
 def empty_note(summary: dict[str, object]) -> str:
-    """The SPEC's report of empty cases (empty GT and empty prediction score 1)."""
+    """The report of empty cases (empty GT and empty prediction score 1; see ``metrics``)."""
     parts = [f"{summary['empty_gt']} image(s) with empty ground truth"]
     for m in METHODS:
         s = summary[m]
@@ -132,34 +216,45 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segthenseg-eval",
         description="Per-image DSC, IoU, precision and recall of the baseline (rough output upsampled) "
                     "and of StS, at original resolution; prints mean ± std.")
-    p.add_argument("model", help="model file, or 'default' for the bundled model")
+    p.add_argument("model", help="model file, a training run's folder (its model.pt), or 'default' for the "
+                   "bundled model")
     p.add_argument("data", type=Path, help="data folder with images/ and masks/ (and optional splits.json)")
-    p.add_argument("--split", help="split to evaluate (default: 'val' with splits.json, else all images)")
+    p.add_argument("--run", type=Path, metavar="DIR",
+                   help="training run folder whose splits.json says which images were not trained on "
+                        "(default: the model file's folder, when it holds one)")
+    p.add_argument("--split", help="split to evaluate (default: with a run, its 'val', else 'test', else "
+                   "'holdout'; else 'val' of the data's splits.json; else all images, with a warning)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the summary here")
     p.add_argument("--csv", type=Path, metavar="OUT", help="write per-image rows here")
-    p.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} (default auto)")
-    p.add_argument("--seed", type=int, default=2022, help="seed of the 80/10/10 split without splits.json")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the 80/10/10 split without splits.json (default: {DEFAULT_SEED})")
     return p
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
-    engine = open_engine(args.model, args.device)
+    model, run_dir = find_run(args.model, args.run)
+    engine = open_engine(model, args.device)
     check_model(engine.model)
-    split = choose_split(args.data, args.split)
     t0 = time.perf_counter()
     try:
-        samples = load_samples(args.data, split, seed=args.seed)
+        chosen = select_images(args.data, args.split, args.seed, run_dir,
+                               engine.settings.notes.get("select_on"))
     except DataError as exc:
         raise CliError(str(exc)) from exc
-    where = f"split {split!r}" if split is not None else "all images (no splits.json)"
-    print(f"{args.data}: {where}, {len(samples)} image(s); model {args.model}, S={engine.settings.size}, "
-          f"on {engine.device.type}", flush=True)
-    rows, summary = evaluate_samples(engine, samples)
-    summary.update({"size": engine.settings.size, "split": split, "model": str(args.model),
-                    "data": str(args.data), "device": engine.device.type,
-                    "wall_s": time.perf_counter() - t0})
+    for w in chosen.warnings:
+        print(f"segthenseg-eval: WARNING: {w}", file=sys.stderr, flush=True)
+    where = f"split {chosen.split!r}" if chosen.split is not None else "all images (no splits.json)"
+    print(f"{args.data}: {where}, {len(chosen.samples)} image(s) [{chosen.source}]; model {model}, "
+          f"S={engine.settings.size}, on {engine.device.type}", flush=True)
+    rows, summary = evaluate_samples(engine, chosen.samples)
+    summary.update({"size": engine.settings.size, "split": chosen.split, "splits_from": chosen.source,
+                    "warnings": chosen.warnings, "model": str(model), "data": str(args.data),
+                    "device": engine.device.type, "wall_s": time.perf_counter() - t0})
     print(format_table({TITLES[m]: summary[m] for m in METHODS}))
     print(empty_note(summary))
+    for w in chosen.warnings:  # again under the table, where the numbers are read
+        print(f"WARNING: {w}")
     if args.csv:
         write_csv(rows, args.csv)
     if args.json:

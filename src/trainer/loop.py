@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,28 +26,60 @@ from napari_segthenseg.engine import (
     load_model,
     save_model,
 )
+from napari_segthenseg.engine.atomic import atomic_write
+from napari_segthenseg.engine.scale import TrainedScale
 
 from . import distributed as ddp
 from .augment import augment_batch
 from .checkpoint import (
     CHECKPOINT_NAME,
+    PREVIOUS_NAME,
     CheckpointError,
     check_compatible,
     config_json,
-    load_checkpoint,
+    find_resumable,
+    holds_run,
+    remove_temporary,
     save_checkpoint,
+    set_aside,
+    write_failed,
     write_metrics_csv,
 )
 from .config import HOLDOUT_FRACTION, RESUME_KEYS, TrainConfig
-from .data import DataError, Sample, load_samples
+from .data import (
+    SPLITS_NAME,
+    DataError,
+    ImageInfo,
+    Sample,
+    check_has_both_classes,
+    fingerprint,
+    fingerprint_changes,
+    load_splits,
+    load_stems,
+    scan_stems,
+    shared_images,
+)
 from .gtcrops import FineData, Prepared, RoughData, fixed_crops, network_channels, prepare
 from .losses import dice_per_item, soft_dice_loss
 
 MODEL_NAME = "model.pt"
 LOG_NAME = "train.log"
 METRICS_NAME = "metrics.csv"
+# Files of a run folder written through a temporary ``.NAME.*.tmp`` (removed if a kill left one).
+WRITTEN = (CHECKPOINT_NAME, PREVIOUS_NAME, MODEL_NAME, METRICS_NAME, SPLITS_NAME)
 VAL_BATCH = 64
 log = logging.getLogger("trainer")
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log`` that stops quietly (instead of printing a traceback per line) when it cannot be
+    written, e.g. on a full disk; stderr keeps logging."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        log.removeHandler(self)
+        self.close()
+        print(f"segthenseg-train: cannot write {self.baseFilename} any more; logging to stderr only",
+              file=sys.stderr)
 
 
 def setup_logging(out: Path, is_main: bool) -> None:
@@ -57,31 +90,73 @@ def setup_logging(out: Path, is_main: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if is_main:
-        handlers.append(logging.FileHandler(out / LOG_NAME))
+        handlers.append(_LogFile(out / LOG_NAME))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
 
 
-def split_samples(cfg: TrainConfig) -> tuple[list[Sample], list[Sample], str]:
-    """Training samples, checkpoint-selection samples and a description of the selection set.
+@dataclass
+class DataPlan:
+    """The images of a run: what trains, what chooses checkpoints, and every split (saved with the run)."""
+
+    train: list[Sample]
+    select: list[Sample]
+    select_desc: str
+    select_name: str  # "holdout" or "val": the key of the selection set in ``splits``
+    splits: dict[str, list[str]]  # the run's splits.json: train (trained on), holdout, val, test, ...
+    fingerprint: dict[str, dict[str, str]]  # train and selection images: stem -> size and content digest
+    checked: dict[str, int]  # images decoded and checked, per split
+    warnings: list[str] = field(default_factory=list)  # images shared between splits
+
+
+def holdout_indices(stems: list[str], seed: int) -> set[int]:
+    """Indices (into ``stems``) of the seeded holdout: ``HOLDOUT_FRACTION`` of them, at least one."""
+    order = sorted(range(len(stems)), key=lambda i: stems[i])
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_hold = max(1, int(round(HOLDOUT_FRACTION * len(order))))
+    return {order[i] for i in perm[:n_hold]}
+
+
+def plan_data(cfg: TrainConfig) -> DataPlan:
+    """Decode and check every split; return the training and checkpoint-selection samples.
 
     ``holdout`` keeps a seeded 10 % of the train split out of training for choosing checkpoints,
     so the val split stays unseen for reporting; ``val`` selects on the val split (the paper's way).
+    The other splits (e.g. test) are decoded and checked too, but not kept in memory.
     """
-    train = load_samples(cfg.data, "train", cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
+    for name in ("train", "val") if cfg.select_on == "val" else ("train",):
+        if not splits.get(name):
+            what = "no" if name not in splits else "an empty"
+            names = ", ".join(sorted(splits)) or "none"
+            raise DataError(f"{cfg.data}: {what} {name!r} split (splits: {names})"
+                            + ("; use --select-on holdout" if name == "val" else ""))
+    train = load_stems(cfg.data, splits["train"])
     if cfg.select_on == "val":
-        return train, load_samples(cfg.data, "val", cfg.seed), "the val split"
-    if len(train) < 2:
-        raise DataError(f"{cfg.data}: the train split has {len(train)} image(s); a holdout needs at least 2 "
-                        "(or use --select-on val)")
-    order = sorted(range(len(train)), key=lambda i: train[i].stem)
-    perm = np.random.default_rng(cfg.seed).permutation(len(order))
-    n_hold = max(1, int(round(HOLDOUT_FRACTION * len(order))))
-    hold = {order[i] for i in perm[:n_hold]}
-    picked = [s for i, s in enumerate(train) if i in hold]
-    kept = [s for i, s in enumerate(train) if i not in hold]
-    return kept, picked, f"a {HOLDOUT_FRACTION:.0%} holdout of the train split (seed {cfg.seed})"
+        select, select_name, desc = load_stems(cfg.data, splits["val"]), "val", "the val split"
+        kept = train
+    else:
+        if len(train) < 2:
+            raise DataError(f"{cfg.data}: the train split has {len(train)} image(s); a holdout needs at "
+                            "least 2 (or use --select-on val)")
+        hold = holdout_indices([s.stem for s in train], cfg.seed)
+        select = [s for i, s in enumerate(train) if i in hold]
+        kept = [s for i, s in enumerate(train) if i not in hold]
+        select_name = "holdout"
+        desc = f"a {HOLDOUT_FRACTION:.0%} holdout of the train split (seed {cfg.seed})"
+    run_splits = {"train": [s.stem for s in kept]}
+    if select_name == "holdout":
+        run_splits["holdout"] = [s.stem for s in select]
+    run_splits.update({k: list(v) for k, v in splits.items() if k not in run_splits})
+    infos = {"train": [ImageInfo.of(s) for s in kept], select_name: [ImageInfo.of(s) for s in select]}
+    for name, stems in run_splits.items():
+        if name not in infos and stems:
+            infos[name] = scan_stems(cfg.data, stems)  # decoded and checked now, not at evaluation
+    check_has_both_classes(infos["train"], f"the {len(kept)} training images")
+    return DataPlan(kept, select, desc, select_name, run_splits,
+                    fingerprint({"train": infos["train"], "selection": infos[select_name]}),
+                    {k: len(v) for k, v in infos.items()}, shared_images(infos, "train"))
 
 
 def epoch_seed(cfg: TrainConfig, stage: str, epoch: int, rank: int) -> int:
@@ -101,19 +176,53 @@ class Run:
         self.nets: dict[str, UNet | None] = {"rough": None, "fine": None}
         self.wall_before = 0.0
         self.t0 = time.perf_counter()
+        self.init_scale: TrainedScale | None = None  # --init's recorded scale (its rough net ships)
+        self.saved: tuple[str, int] | None = None  # stage and epoch of the last checkpoint on disk
+        self.warnings: list[str] = []  # repeated in the final summary line
 
     # -- data ----------------------------------------------------------------------------
     def load_data(self) -> None:
         cfg = self.cfg
         t = time.perf_counter()
-        train, select, self.select_desc = split_samples(cfg)
+        self.plan = plan = plan_data(cfg)
+        train, select, self.select_desc = plan.train, plan.select, plan.select_desc
         self.channels = network_channels(train + select)
         prep = lambda s: prepare(s, cfg.size, self.channels, cfg.normalisation, cfg.min_box)  # noqa: E731
         self.train_items: list[Prepared] = [prep(s) for s in train]
         self.select_items: list[Prepared] = [prep(s) for s in select]
+        checked = ", ".join(f"{n} {k}" for k, n in plan.checked.items())
         log.info("data %s: %d training images, selection on %s (%d images), %d channel(s); "
-                 "prepared in %.1f s", cfg.data, len(train), self.select_desc, len(select), self.channels,
-                 time.perf_counter() - t)
+                 "decoded and checked %s; prepared in %.1f s", cfg.data, len(train), self.select_desc,
+                 len(select), self.channels, checked, time.perf_counter() - t)
+        for note in plan.warnings:
+            self.warn(f"training images also appear elsewhere: {note}; scores on those splits will be "
+                      "optimistic")
+
+    def warn(self, text: str) -> None:
+        """A warning logged now (by rank 0) and repeated in the final summary line."""
+        if self.info.is_main:
+            log.warning("%s", text)
+        self.warnings.append(text)
+
+    def write_splits(self) -> None:
+        """The split this run actually uses, in ``--out/splits.json`` (``segthenseg-eval`` reads it)."""
+        text = json.dumps(self.plan.splits, indent=1) + "\n"
+        path = self.out / SPLITS_NAME
+        try:
+            with atomic_write(path) as fh:
+                fh.write(text.encode())
+        except OSError as exc:
+            raise self.write_error(exc, path) from None
+
+    def write_error(self, exc: OSError, path: Path) -> Exception:
+        """The message for a file that could not be written: what failed and what is still safe."""
+        if self.saved is None:
+            kept = "No checkpoint was written yet: make room (or fix the folder) and start again."
+        else:
+            stage, epoch = self.saved
+            kept = (f"The last checkpoint ({self.out / CHECKPOINT_NAME}, after {stage} epoch {epoch}) is "
+                    "intact: make room and continue with --resume.")
+        return write_failed(exc, path, kept)
 
     def validation_set(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of the selection set for ``stage`` (S x S images or fixed crops)."""
@@ -152,6 +261,7 @@ class Run:
             raise ValueError(f"--init {self.cfg.init}: S={s.size}, {s.in_channels} channels; this run needs "
                              f"S={self.cfg.size}, {self.channels} channels")
         self.nets["rough"] = model.rough or model.fine
+        self.init_scale = s.trained_scale
         if self.nets["rough"] is not None and (self.nets["rough"].width, self.nets["rough"].depth) != (
                 self.cfg.width, self.cfg.depth):
             raise ValueError(f"--init {self.cfg.init}: network width/depth differ from --width/--depth")
@@ -176,9 +286,20 @@ class Run:
         }
         settings = ModelSettings(size=cfg.size, in_channels=self.channels, pad=self.pad, min_box=cfg.min_box,
                                  normalisation=cfg.normalisation, trained_on=f"{cfg.data.name} train split",
-                                 notes=notes)
+                                 trained_scale=self.trained_scale(), notes=notes)
         model = StSModel(settings, self.best_or_current("rough"), self.best_or_current("fine"))
-        return save_model(model, self.out / MODEL_NAME)
+        path = self.out / MODEL_NAME
+        try:
+            return save_model(model, path)
+        except OSError as exc:
+            raise self.write_error(exc, path) from None
+
+    def trained_scale(self) -> TrainedScale:
+        """The scale the shipped rough net learned: of this run's training images (the train split
+        minus the holdout), or ``--init``'s when its rough net ships and it recorded one."""
+        if self.init_scale is not None and "rough" not in self.cfg.stages:
+            return self.init_scale
+        return TrainedScale.from_sizes([it.source.hw for it in self.train_items], self.cfg.size)
 
     def wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.t0
@@ -189,14 +310,32 @@ class Run:
             "stage": stage, "epoch": epoch, "optimizer": opt.state_dict(),
             "nets": {k: (n.state_dict() if n is not None else None) for k, n in self.nets.items()},
             "best": self.best, "metrics": json.dumps(self.metrics), "wall_s": self.wall(),
+            "data_fingerprint": json.dumps(self.plan.fingerprint, sort_keys=True),
         }
-        save_checkpoint(self.out, state)
-        write_metrics_csv(self.out / METRICS_NAME, self.metrics)
+        try:
+            save_checkpoint(self.out, state)
+        except OSError as exc:
+            raise self.write_error(exc, self.out / CHECKPOINT_NAME) from None
+        self.saved = (stage, epoch)
+        try:
+            write_metrics_csv(self.out / METRICS_NAME, self.metrics)
+        except OSError as exc:
+            raise self.write_error(exc, self.out / METRICS_NAME) from None
 
     def restore(self, ckpt: dict) -> tuple[str, int, dict]:
         """Load nets, best weights and metrics; return (stage, finished epoch, optimizer state)."""
         saved = json.loads(ckpt["config"])
         check_compatible(saved, self.cfg.as_dict(), RESUME_KEYS)
+        if "data_fingerprint" in ckpt:
+            changes = fingerprint_changes(json.loads(ckpt["data_fingerprint"]), self.plan.fingerprint)
+            if changes:
+                raise CheckpointError(
+                    f"cannot resume: the data in {self.cfg.data} changed since the checkpoint was written ("
+                    + "; ".join(changes) + "). Put the data back as it was to continue this run, or train "
+                    "on the new data with a new --out (this run's files are left as they are).")
+        else:
+            log.warning("the checkpoint (version 1) records no checksum and no data fingerprint: damage "
+                        "and data changed since then cannot be detected")
         if ckpt["channels"] != self.channels:
             raise CheckpointError(f"checkpoint has {ckpt['channels']} channels, the data {self.channels}")
         for k, state in ckpt["nets"].items():
@@ -206,6 +345,7 @@ class Run:
         self.best = ckpt["best"]
         self.metrics = json.loads(ckpt["metrics"])
         self.wall_before = float(ckpt["wall_s"])
+        self.saved = (ckpt["stage"], int(ckpt["epoch"]))
         return ckpt["stage"], int(ckpt["epoch"]), ckpt["optimizer"]
 
     # -- one stage -----------------------------------------------------------------------
@@ -274,7 +414,7 @@ class Run:
             self.nets[stage] = self.new_net() if stage == "rough" else self.init_fine()
         net = self.nets[stage].to(info.device)
         model = DistributedDataParallel(net, device_ids=[info.device.index] if info.device.type == "cuda"
-                                        else None) if info.active else net
+                                        else None) if info.joined else net
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
@@ -284,7 +424,7 @@ class Run:
         log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, "
                  "batch %d x %d process(es), %s%s",
                  stage, start + 1, epochs, count_parameters(net), n_val, cfg.batch_size, info.world,
-                 info.device, f" (DDP, {dist.get_backend()})" if info.active else "")
+                 info.device, f" (DDP, {dist.get_backend()})" if info.joined else "")
         for epoch in range(start + 1, epochs + 1):
             t = time.perf_counter()
             row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
@@ -312,6 +452,15 @@ class Run:
                      stage, epoch, epochs, row["train_loss"], row["val_loss"], row["val_dice"],
                      " *" if improved else "", best["dice"], best["epoch"], seconds)
         net.cpu()
+        self.check_learning(stage)
+
+    def check_learning(self, stage: str) -> None:
+        """Warn when the validation Dice stayed 0 in every epoch of ``stage``: nothing was learned."""
+        rows = [r for r in self.metrics if r["stage"] == stage]
+        if rows and all(r["val_dice"] == 0 for r in rows):
+            self.warn(f"validation Dice stayed 0 through all {len(rows)} epoch(s) of the {stage} stage: the "
+                      "network found no foreground on the selection images. Check the masks (anything > 0 is "
+                      "foreground), try another --lr, or train longer")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -320,26 +469,39 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        removed: list[Path] = []
         if info.is_main:
             cfg.out.mkdir(parents=True, exist_ok=True)
-            if not cfg.resume and (cfg.out / CHECKPOINT_NAME).exists():
+            if not cfg.resume and holds_run(cfg.out):
                 raise CheckpointError(f"{cfg.out} already holds a training run; add --resume to continue it "
                                       "or choose another --out")
+            removed = remove_temporary(cfg.out, WRITTEN)
         ddp.barrier(info)
         setup_logging(cfg.out, info.is_main)
         run = Run(cfg, info)
         torch.manual_seed(cfg.seed)  # initial weights; every epoch then reseeds (epoch_seed)
         log.info("segthenseg-train: %s", cfg.command or cfg.as_dict())
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted run left: %s", len(removed),
+                     ", ".join(p.name for p in removed))
         run.load_data()
         run.load_init()
-        ckpt = load_checkpoint(cfg.out) if cfg.resume else None
+        found = find_resumable(cfg.out) if cfg.resume else None
         done_stage, done_epoch, opt_state = None, 0, None
-        if cfg.resume and ckpt is None:
+        if cfg.resume and found is None:
             log.warning("--resume: no checkpoint in %s; starting from the beginning", cfg.out)
-        elif ckpt is not None:
-            done_stage, done_epoch, opt_state = run.restore(ckpt)
+        elif found is not None:
+            if found.problem:
+                log.warning("%s; resuming from the previous checkpoint %s instead (one epoch earlier)",
+                            found.problem, found.path.name)
+            done_stage, done_epoch, opt_state = run.restore(found.state)
             log.info("resuming after %s epoch %d (%.0f s trained so far)", done_stage, done_epoch,
                      run.wall_before)
+            ddp.barrier(info)  # every rank has read it before the damaged one is moved
+            if found.problem and info.is_main and (cfg.out / CHECKPOINT_NAME).exists():
+                log.warning("kept the unusable checkpoint as %s", set_aside(cfg.out).name)
+        if info.is_main:
+            run.write_splits()
         stages = cfg.stages
         for i, stage in enumerate(stages):
             if done_stage is not None and i < stages.index(done_stage):
@@ -349,7 +511,12 @@ def train(cfg: TrainConfig) -> Path:
         path = cfg.out / MODEL_NAME
         if info.is_main:
             path = run.write_model()
-            log.info("wrote %s (%.0f s of training); metrics in %s", path, run.wall(), cfg.out / METRICS_NAME)
+            summary = f"wrote {path} ({run.wall():.0f} s of training); metrics in {cfg.out / METRICS_NAME}"
+            if run.warnings:
+                log.warning("%s; finished with %d warning(s): %s", summary, len(run.warnings),
+                            " | ".join(run.warnings))
+            else:
+                log.info("%s", summary)
         ddp.barrier(info)
         return path
     finally:
