@@ -114,6 +114,35 @@ def test_run_gives_three_layers_tied_to_the_image(ran, dsb_image, fitted_model):
     assert _refined(calls) == {tuple(b) for b in direct.boxes.tolist()}
 
 
+def _rgb(colour: str) -> np.ndarray:
+    """``#rrggbb`` -> RGB floats in [0, 1]."""
+    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+
+
+def _hue(colour: str) -> float:
+    import colorsys
+
+    return 360 * colorsys.rgb_to_hsv(*_rgb(colour))[0]
+
+
+def test_rough_boxes_and_segmentation_colours_cannot_be_confused(ran):
+    """Rough mask one blue, boxes yellow, segmentation objects never blue or yellow."""
+    from napari_segthenseg._layers import BOX_COLOUR
+    from napari_segthenseg._session import ROUGH_COLOUR, SEG_COLOURS
+
+    viewer = ran[0]
+    rough, boxes, seg = (viewer.layers[f"cells {k}"] for k in ("rough", "boxes", "segmentation"))
+    assert 200 <= _hue(ROUGH_COLOUR) <= 230 and 45 <= _hue(BOX_COLOUR) <= 65
+    for colour in SEG_COLOURS:
+        assert not 170 <= _hue(colour) <= 270 and not 40 <= _hue(colour) <= 75, colour
+    np.testing.assert_allclose(rough.colormap.map(np.array([1]))[0, :3], _rgb(ROUGH_COLOUR), atol=0.01)
+    np.testing.assert_allclose(boxes.edge_color[0, :3], _rgb(BOX_COLOUR), atol=0.01)
+    labels = np.arange(1, 2 * len(SEG_COLOURS) + 1)
+    shown = {tuple(np.round(255 * c[:3]).astype(int)) for c in seg.colormap.map(labels)}
+    assert shown == {tuple(np.round(255 * _rgb(c)).astype(int)) for c in SEG_COLOURS}
+    assert seg.colormap.map(np.array([0]))[0, 3] == 0  # background transparent
+
+
 def test_moving_one_box_refines_only_that_box(ran, qtbot, dsb_image, fitted_model):
     viewer, _, widget, calls = ran
     boxes_layer = viewer.layers["cells boxes"]

@@ -22,9 +22,15 @@ from ._layers import (
 )
 from .engine import NormStats
 
-ROUGH_COLOUR = "#3d8bff"  # one blue: the rough mask is a coarse blob map, not instances
-ROUGH_OPACITY = 0.45
-SEG_OPACITY = 0.6
+# Three layers that must not be mistaken for one another at a glance: the rough mask is one blue
+# (a coarse blob map, not instances), the boxes are yellow (BOX_COLOUR), and the segmentation cycles
+# through reds, oranges, pinks and greens only, so that no nucleus is blue like the rough mask or
+# yellow like a box edge.
+ROUGH_COLOUR = "#3d8bff"
+ROUGH_OPACITY = 0.6
+SEG_COLOURS = ("#ff3b30", "#2ee65c", "#ff4fd8", "#ff9500", "#00c98d", "#ff6f91", "#7ee787", "#e0301e",
+               "#ffa36c", "#1fa84f", "#ff2e97")
+SEG_OPACITY = 0.7
 KIND = "segthenseg"  # metadata key marking the layers this plugin made
 
 
@@ -32,6 +38,13 @@ def _rough_colormap():
     from napari.utils.colormaps import DirectLabelColormap
 
     return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: ROUGH_COLOUR})
+
+
+def _seg_colormap():
+    """Label 0 transparent, labels 1, 2, ... cycling through SEG_COLOURS."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    return CyclicLabelColormap(colors=["transparent", *SEG_COLOURS], name="segthenseg segmentation")
 
 
 @dataclass
@@ -95,8 +108,8 @@ class Session:
                 self.seg_layer.data = data
             return self.seg_layer
         self.seg_layer = self.viewer.add_labels(
-            data, name=self._name("segmentation"), opacity=SEG_OPACITY, metadata={KIND: "segmentation"},
-            **self.plane.layer_kwargs())
+            data, name=self._name("segmentation"), opacity=SEG_OPACITY, colormap=_seg_colormap(),
+            metadata={KIND: "segmentation"}, **self.plane.layer_kwargs())
         return self.seg_layer
 
     def show_rough(self, rough_mask: np.ndarray) -> None:

@@ -40,7 +40,7 @@ def open_viewer(image: str | None, model: str, device: str = "auto"):
     from ._sample_data import SAMPLE_NAME, load_sample_image
 
     viewer = napari.Viewer(title="Segment-then-Segment demo")
-    viewer.window.resize(1500, 900)
+    viewer.window.resize(1800, 1000)  # a landscape canvas beside the two docks
     if image:
         viewer.open(image)
     else:
