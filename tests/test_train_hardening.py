@@ -297,3 +297,24 @@ def test_device_with_an_index_is_accepted_and_checked(capsys):
             TrainConfig(**args)
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         TrainConfig(**{**args, "device": "tpu"})
+
+
+def test_documented_defaults_match_the_config():
+    """docs/TRAINING.md's option table quotes the defaults TrainConfig defines."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "TRAINING.md").read_text()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    checked = 0
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`--"):
+            continue
+        names = [w.strip("`").split()[0][2:].replace("-", "_") for w in cells[0].split(",")]
+        values = [v.strip() for v in cells[1].split(",")]
+        for name, value in zip(names, values if len(values) == len(names) else [], strict=False):
+            if name in defaults and value and value[0].isalnum() and " " not in value and "/" not in value:
+                default = defaults[name]
+                same = float(value) == default if isinstance(default, (int, float)) else value == default
+                assert same, f"--{name}: docs say {value}, TrainConfig {default}"
+                checked += 1
+    assert checked >= 12
