@@ -59,9 +59,9 @@ def _open(make_napari_viewer, image, model_path, **image_kwargs):
         engine = Engine(model, device)
         refine = engine.refine
 
-        def spy(image, boxes, stats=None):
+        def spy(image, boxes, stats=None, region=None):
             calls.append(np.asarray(boxes).copy())
-            return refine(image, boxes, stats)
+            return refine(image, boxes, stats, region)
 
         engine.refine = spy
         return engine
