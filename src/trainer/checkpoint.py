@@ -17,7 +17,6 @@ import errno
 import io
 import json
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,28 +80,11 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def _damaged_member(path: Path) -> str | None:
-    """The first archive member whose CRC-32 (which the zip stores and ``torch.load`` never checks)
-    does not match, if any."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
-        return None
-
-
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """One checkpoint file, checked; :class:`CheckpointError` says what is wrong with it."""
     try:
         state = safe_load(path, WHAT)
     except FileProblem as exc:
-        # Flipped bytes in the pickled part can look like a forbidden object to the safe loader;
-        # the archive's own CRC-32 tells damage apart from a file that is not ours.
-        bad = _damaged_member(path)
-        if bad is not None:
-            raise CheckpointError(f"{path}: this {WHAT} is damaged: the data of {bad} does not match the "
-                                  "checksum stored in the archive (a disk or copy error changed some "
-                                  "bytes)") from None
         raise CheckpointError(str(exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a segthenseg-train checkpoint")

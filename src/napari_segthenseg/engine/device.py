@@ -20,8 +20,6 @@ def available_devices() -> list[str]:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn ``auto``/``cpu``/``cuda[:N]``/``mps`` into a usable device, or raise ``ValueError``."""
-    if isinstance(device, torch.device):
-        return device
     name = str(device).strip().lower()
     if name == "auto":
         return torch.device(available_devices()[0])
@@ -30,7 +28,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICE_CHOICES)}")
     if kind != "cpu" and kind not in available_devices():
         raise ValueError(f"device {device!r} is not available here (available: {available_devices()})")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def synchronize(device: torch.device) -> None:

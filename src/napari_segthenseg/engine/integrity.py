@@ -98,12 +98,36 @@ def safe_load(path: str | os.PathLike, what: str) -> Any:
         raise FileProblem(f"{p} is truncated: the archive ends early (an interrupted write or copy?)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:
+        # Flipped bytes in the pickled part can look like a forbidden object to the safe loader;
+        # the archive's own CRC-32 (stored by the zip, never checked by torch.load) tells damage
+        # apart from a file that is not ours.
+        bad = _damaged_member(p)
+        if bad is not None:
+            raise FileProblem(f"{p}: this {what} is damaged: the data of {bad} does not match the "
+                              "checksum stored in the archive (a disk or copy error changed some "
+                              "bytes)") from None
+        _explain(p, what, exc)
+        raise
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first archive member whose stored CRC-32 does not match its data, if any."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError):
+        return None
+
+
+def _explain(p: Path, what: str, exc: BaseException) -> None:
+    """Raise the :class:`FileProblem` that says what a failed ``torch.load`` means."""
+    if isinstance(exc, pickle.UnpicklingError):
         if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
             raise FileProblem(f"{p} was refused: it holds Python objects that would run code when "
                               f"loaded, which a {what} never does") from None
         raise FileProblem(f"{p} is damaged: its data cannot be decoded ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+    if isinstance(exc, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError)):
         text = str(exc).lower()
         if "central directory" in text or isinstance(exc, (EOFError, zipfile.BadZipFile)):
             raise FileProblem(f"{p} is truncated: the archive ends early (an interrupted write or "
