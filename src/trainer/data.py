@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import imageio.v3 as iio
 import numpy as np
-import tifffile
+
+from napari_segthenseg.engine.reader import ImageFileError
+from napari_segthenseg.engine.reader import read_image as engine_read_image
 
 from .config import DEFAULT_SEED
 
@@ -48,34 +49,15 @@ def is_image_file(path: Path) -> bool:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode a png/jpg/tif as ``(H, W)`` or ``(H, W, 3)`` in its own dtype; alpha is dropped.
+    """Decode an image as ``(H, W)`` or ``(H, W, 3)`` in its own dtype, with the engine's reader
+    (one set of rules for colour, alpha and stacks: :mod:`napari_segthenseg.engine.reader`).
 
     Raises :class:`DataError` naming the file when it cannot be decoded or is not a 2D image.
     """
-    path = Path(path)
-    is_tiff = path.suffix.lower() in (".tif", ".tiff")
     try:
-        # One named decoder per format: no probing of every imageio plugin on a broken file.
-        arr = tifffile.imread(path) if is_tiff else iio.imread(path, plugin="pillow")
-    except Exception as exc:  # decoders raise many types; all mean "unreadable"
-        first = (str(exc).splitlines() or [""])[0]
-        kind = "TIFF" if is_tiff else path.suffix.lstrip(".").upper()
-        raise DataError(f"{path}: cannot read image, not a readable {kind} file "
-                        f"({type(exc).__name__}: {first})") from exc
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] > 4:
-        arr = np.moveaxis(arr, 0, -1)  # channel-first TIFF
-    if arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray, gray + alpha
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[..., :3]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
-        raise DataError(f"{path}: shape {arr.shape} is not a 2D gray or RGB image")
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"{path}: pixel type {arr.dtype} is not numeric")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise DataError(f"{path}: contains NaN or infinite values")
-    return arr
+        return engine_read_image(path)
+    except ImageFileError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

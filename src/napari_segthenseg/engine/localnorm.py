@@ -33,40 +33,61 @@ FLAT_FRACTION = 0.01  # a cell whose range is below this share of the slide's ra
 # saw in training (every training image holds objects). Windows are at least this share of the
 # slide's range wide.
 MIN_CONTRAST = 0.15
+CROP_MIN_CONTRAST = 0.5
+CELLS_PER_WINDOW = 2  # cells across one training window
+NEIGHBOURHOOD = 3  # cells across the window taken at a cell (3: the cell and its 8 neighbours)
 
 
 @dataclass
 class LocalWindows:
-    """Per-cell intensity windows of an image seen at ``scale`` image px per rough px."""
+    """Per-cell intensity windows of an image seen at ``scale`` image px per rough px.
+
+    ``cmin``/``cmax`` are each cell's own range. The rough net sees a pixel through the window of
+    its cell's 3 x 3 neighbourhood (about a training image); a crop through its own cell's window
+    (docs/WHOLE_SLIDES.md: measured, smaller windows for crops are closer to what the fine net saw
+    of each object in training). Every window is at least ``floors`` of the slide's range wide.
+    """
 
     scale: float
     cell: int  # cell side in rough px
-    lo: np.ndarray  # (gy, gx) window low per cell (after the 3 x 3 neighbourhood)
-    hi: np.ndarray
+    cmin: np.ndarray  # (gy, gx) darkest value of each cell
+    cmax: np.ndarray  # (gy, gx) brightest value of each cell
     flat: np.ndarray  # (gy, gx) bool: the cell has no contrast
+    neighbourhood: int = NEIGHBOURHOOD
+    floors: tuple[float, float] = (MIN_CONTRAST, CROP_MIN_CONTRAST)  # rough, crops
 
-    def _fields(self) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.lo, self.hi]).astype(np.float32))[None]
+    def __post_init__(self) -> None:
+        span = max(float(self.cmax.max() - self.cmin.min()) if self.cmax.size else 0.0, 1e-8)
+        lo = ndimage.minimum_filter(self.cmin, size=self.neighbourhood, mode="nearest")
+        hi = ndimage.maximum_filter(self.cmax, size=self.neighbourhood, mode="nearest")
+        self._rough = self._fields(lo, np.maximum(hi, lo + self.floors[0] * span))
+        self._crops = self._fields(self.cmin, np.maximum(self.cmax, self.cmin + self.floors[1] * span))
+
+    @staticmethod
+    def _fields(lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([lo, hi]).astype(np.float32))[None]
+
+    def _sample(self, fields: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
+        """Bilinear (lo, hi) between cell centres at rough-pixel coordinates (pixel-edge units);
+        ``ry`` and ``rx`` broadcast to a 2D grid of points, the result is (2, *grid)."""
+        gy, gx = fields.shape[-2:]
+        grid = torch.stack(torch.broadcast_tensors(rx / (self.cell * gx) * 2 - 1,
+                                                   ry / (self.cell * gy) * 2 - 1), dim=-1)
+        return F.grid_sample(fields, grid[None], mode="bilinear", padding_mode="border",
+                             align_corners=False)[0]
 
     def window_at(self, ry: np.ndarray, rx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bilinear window (lo, hi) at rough-pixel coordinates (pixel-edge units)."""
-        gy, gx = self.lo.shape
-        u = torch.as_tensor(np.asarray(rx, dtype=np.float32) / (self.cell * gx) * 2 - 1)
-        v = torch.as_tensor(np.asarray(ry, dtype=np.float32) / (self.cell * gy) * 2 - 1)
-        grid = torch.stack([u, v], dim=-1).reshape(1, 1, -1, 2)
-        out = F.grid_sample(self._fields(), grid, mode="bilinear", padding_mode="border",
-                            align_corners=False)[0, :, 0]
+        """The crops' window (lo, hi) at rough-pixel coordinates."""
+        out = self._sample(self._crops, torch.as_tensor(np.asarray(ry, dtype=np.float32))[None],
+                           torch.as_tensor(np.asarray(rx, dtype=np.float32))[None])[:, 0]
         return out[0].numpy(), out[1].numpy()
 
     def apply_to_region(self, x: torch.Tensor, ry0: int, rx0: int) -> torch.Tensor:
         """Normalise a rough-scale block (C, h, w) whose top-left rough pixel is (ry0, rx0)."""
         h, w = x.shape[-2:]
-        gy, gx = self.lo.shape
-        ys = (torch.arange(h, dtype=torch.float32) + 0.5 + ry0) / (self.cell * gy) * 2 - 1
-        xs = (torch.arange(w, dtype=torch.float32) + 0.5 + rx0) / (self.cell * gx) * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)[None]
-        lo, hi = F.grid_sample(self._fields(), grid, mode="bilinear", padding_mode="border",
-                               align_corners=False)[0].to(x.device)
+        ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5 + ry0
+        xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5 + rx0
+        lo, hi = self._sample(self._rough, ys, xs).to(x.device)
         return (x - lo) / (hi - lo).clamp_min(1e-8)
 
     def apply_to_crops(self, x: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
@@ -84,8 +105,8 @@ class LocalWindows:
 
 
 def cell_side(window: int, scale: float) -> int:
-    """Cells are half a training window wide, in rough px (at least 4)."""
-    return max(4, int(round(window / scale / 2)))
+    """Cells are a fraction of a training window wide, in rough px (at least 4)."""
+    return max(4, int(round(window / scale / CELLS_PER_WINDOW)))
 
 
 def survey(src: ImageSource, scale: float, window: int, rough_hw: tuple[int, int],
@@ -113,7 +134,4 @@ def survey(src: ImageSource, scale: float, window: int, rough_hw: tuple[int, int
     yield Progress("survey: intensity windows", len(starts), len(starts))
     span = float(cmax.max() - cmin.min()) if cmax.size else 0.0
     flat = (cmax - cmin) <= FLAT_FRACTION * span
-    lo = ndimage.minimum_filter(cmin, size=3, mode="nearest")
-    hi = ndimage.maximum_filter(cmax, size=3, mode="nearest")
-    hi = np.maximum(hi, lo + MIN_CONTRAST * max(span, 1e-8))
-    return LocalWindows(float(scale), cell, lo, hi, flat)
+    return LocalWindows(float(scale), cell, cmin, cmax, flat)

@@ -51,6 +51,7 @@ class SegmentResult:
     rough: RoughResult | None = None
     baseline: np.ndarray | None = None  # the rough probabilities upsampled (when asked)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    counts: dict[str, int] = field(default_factory=dict)  # network pixels, boxes, tiles, chunks
 
 
 def run(steps: Generator[Progress, None, T]) -> T:
@@ -84,6 +85,7 @@ class Engine:
         self.rough_scale = rough_scale
         plan_rough((64, 64), self.settings.size, None, rough_scale)  # validates the override
         self.timings: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     def _place(self, net: UNet | None) -> UNet | None:
         if net is None:
@@ -107,6 +109,8 @@ class Engine:
         """Sigmoid probabilities of ``net`` on a batch, chunked to the memory budget."""
         per_item = x.shape[-2] * x.shape[-1] * net.width * BYTES_PER_ACTIVATION
         chunk = max(1, int(self.memory_bytes // per_item))
+        role = "rough_px" if net is self.rough_net else "fine_px"  # pixels the networks evaluate
+        self.counts[role] = self.counts.get(role, 0) + x.shape[0] * x.shape[-2] * x.shape[-1]
         if self.device.type in CHANNELS_LAST_DEVICES:
             x = x.contiguous(memory_format=torch.channels_last)
         outs = []
@@ -209,17 +213,31 @@ class Engine:
     # -- the walk ------------------------------------------------------------------------
     def refine_steps(self, src: ImageSource, boxes: np.ndarray, stats: Stats
                      ) -> Generator[Progress, None, np.ndarray]:
-        """Step 3 in batches of ``REFINE_CHUNK`` boxes with progress between them."""
+        """Step 3 in batches with progress between them.
+
+        An image in memory is converted once and every batch cut from it; a lazy one is read
+        where its boxes are: boxes are grouped by the output chunk they lie in and each group's
+        crops come from one read (:func:`.slide.refine_nearby`).
+        """
+        from .slide import CHUNK, boxes_by_chunk, refine_nearby
+
         s = self.settings.size
-        parts = [np.zeros((0, s, s), dtype=np.float32)]
-        region = None
+        probs = np.zeros((len(boxes), s, s), dtype=np.float32)
         if not src.lazy and src.height * src.width * src.channels * 4 <= self.memory_bytes:
-            with self.timed("crop"), torch.inference_mode():
+            with self.timed("crop"):
                 region = (src.full_tensor(self.device), 0, 0)  # converted once for every batch
-        for i in range(0, len(boxes), REFINE_CHUNK):
-            yield Progress(f"fine pass: {i}/{len(boxes)} boxes", i, len(boxes))
-            parts.append(self.refine(src, boxes[i:i + REFINE_CHUNK], stats, region))
-        return np.concatenate(parts)
+            for i in range(0, len(boxes), REFINE_CHUNK):
+                yield Progress(f"fine pass: {i}/{len(boxes)} boxes", i, len(boxes))
+                probs[i:i + REFINE_CHUNK] = self.refine(src, boxes[i:i + REFINE_CHUNK], stats, region)
+            return probs
+        centres = (boxes[:, :2] + boxes[:, 2:]) // 2
+        groups = boxes_by_chunk(np.concatenate([centres, centres + 1], 1), src.hw, CHUNK)
+        done = 0
+        for idx in groups.values():  # each box in exactly one group: the chunk of its centre
+            yield Progress(f"fine pass: {done}/{len(boxes)} boxes", done, len(boxes))
+            probs[idx] = refine_nearby(self, src, boxes[idx], stats)
+            done += len(idx)
+        return probs
 
     def walk(self, image: object, boxes: np.ndarray | None = None, *, baseline: bool = False,
              output: object | None = None) -> Generator[Progress, None, SegmentResult]:
@@ -230,7 +248,7 @@ class Engine:
         chunk by chunk to disk instead of returning it in memory (slides). A rough-only model
         returns the baseline as its mask.
         """
-        self.timings = {}
+        self.timings, self.counts = {}, {}
         src = self.source(image)
         plan = self.plan(src.hw)
         rough = None
@@ -240,6 +258,7 @@ class Engine:
             rough_store = output.rough_store(plan.rough_hw(src.hw, self.settings.size)) \
                 if output is not None and plan.tiled else None
             rough = yield from rough_pass(self, src, plan, rough_store)
+            self.counts.update(tiles_run=rough.tiles_run, tiles_skipped=rough.tiles_skipped)
             boxes = self.boxes(rough, src.hw)
             stats = rough.stats
         else:
@@ -253,19 +272,22 @@ class Engine:
                 raise ValueError("a rough-only model cannot segment boxes drawn by hand")
             s = self.settings.size
             return SegmentResult(src.hw, boxes, np.zeros((0, s, s), np.float32), base, stats, rough,
-                                 base, dict(self.timings))
+                                 base, dict(self.timings), dict(self.counts))
+        self.counts["boxes"] = len(boxes)
         if output is not None:
             from .slide import fine_by_chunks
 
-            timings = yield from fine_by_chunks(self, src, boxes, stats, output)
-            for k, v in timings.items():
-                self.timings[k] = self.timings.get(k, 0.0) + v
+            times, counts = yield from fine_by_chunks(self, src, boxes, stats, output)
+            for total, part in ((self.timings, times), (self.counts, counts)):
+                for k, v in part.items():
+                    total[k] = total.get(k, 0) + v
             return SegmentResult(src.hw, boxes, None, output.array, stats, rough, None,
-                                 dict(self.timings))
+                                 dict(self.timings), dict(self.counts))
         probs = yield from self.refine_steps(src, boxes, stats)
         yield Progress(f"fusing {len(boxes)} boxes", len(boxes), len(boxes))
         mask = self.fuse(probs, boxes, src.hw)
-        return SegmentResult(src.hw, boxes, probs, mask, stats, rough, base, dict(self.timings))
+        return SegmentResult(src.hw, boxes, probs, mask, stats, rough, base, dict(self.timings),
+                             dict(self.counts))
 
     def segment(self, image: object, boxes: np.ndarray | None = None, *, baseline: bool = False
                 ) -> SegmentResult:

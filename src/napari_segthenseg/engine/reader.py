@@ -206,9 +206,9 @@ def _axes_plan(p: Path, axes: str, shape: tuple[int, ...], samples_are_colour: b
     keep = [a for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX"]
     extra = [a for a in keep if a not in "YX"]
     sizes = dict(zip(axes, shape, strict=True))
-    stack = [a for a in extra if a not in "SC"]
+    stack = [(a, n) for a, n in zip(axes, shape, strict=True) if n > 1 and a not in "YXSC"]
     if stack:
-        what = ", ".join(f"{a}={sizes[a]}" for a in stack)
+        what = ", ".join(f"{a}={n}" for a, n in stack)
         raise ImageFileError(
             f"{p}: a stack ({what}; axes {axes}, shape {shape}), not one 2D image; save the slice to "
             "segment as its own file, or open the stack in napari and run the plugin on one slice")

@@ -22,6 +22,7 @@ import torch
 from .boxes import component_boxes, finalize_boxes, scale_boxes
 from .image import ImageSource, NormStats, compute_stats, match_channels
 from .localnorm import LocalWindows, survey
+from .memory import keep_heap_small
 from .progress import Progress
 from .scale import RoughPlan
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .pipeline import Engine
 
 TILE = 512  # rough px of output per tile side
-MARGIN = 32  # rough px of context dropped on each side (about the U-Net's reach at depth 4)
+MARGIN = 64  # rough px of context dropped on each side: tiles then match one pass (docs/WHOLE_SLIDES.md)
 IN_MEMORY_LABEL_PX = 32 * 2**20  # larger rough masks are labelled lazily (dask-image)
 
 
@@ -82,6 +83,7 @@ def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: obje
         with engine.timed("rough_net"):
             prob = engine.forward(engine.rough_net, x)[0].cpu().numpy()
         return RoughResult(prob, prob >= s.threshold, stats, plan)
+    keep_heap_small()  # a long run's buffers would otherwise stay on the heap (see .memory)
     with engine.timed("survey"):
         stats = yield from windows_for(engine, src, plan)
     rough_hw = plan.rough_hw(src.hw, s.size)
@@ -89,7 +91,7 @@ def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: obje
     if mask_out is None:
         mask_out = np.zeros(rough_hw, dtype=bool)
         prob_out = np.zeros(rough_hw, dtype=np.float32)
-    tiles = tile_grid(rough_hw)
+    tiles = tile_grid(rough_hw, TILE)
     run = skipped = 0
     step = 2 ** engine.rough_net.depth
     for i, (y0, x0, y1, x1) in enumerate(tiles):

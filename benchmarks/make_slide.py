@@ -1,0 +1,191 @@
+"""Synthetic whole slides with ground truth, from real dsb2018 fluorescence fields.
+
+Fluorescence fields of the dsb2018 train and val splits (gray, dark background: 491 of the 507
+gray fields; the other 16 are bright-field images with dark nuclei on a bright background) are
+packed row by row, a few
+pixels apart, into an elliptical "tissue" region of a black canvas, until the fields cover the
+asked share of the slide; fields are reused as often as needed, each time flipped or rotated
+at random. Written as a tiled, pyramidal OME-TIFF (levels 2x apart, zlib), with:
+
+* ``NAME_gt.tif``: the ground-truth mask (uint8 0/1, tiled BigTIFF);
+* ``NAME_fields.csv``: every placed field (its stem, flip/rotation, y, x, h, w), so the same
+  fields can be segmented one by one and scored against the same ground truth.
+
+The slide is built in a memory-mapped scratch file, so any size fits on disk, not in memory:
+
+    python benchmarks/make_slide.py --data ../shared/data/dsb2018 --size 20480 \\
+        --coverage 0.3 --out /tmp/slides/slide20k.ome.tif
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from napari_segthenseg.engine.reader import read_image
+
+TILE = 512
+MIN_LEVEL = 1024
+
+
+@dataclass
+class Field:
+    stem: str
+    image: np.ndarray  # (h, w) uint8 gray
+    mask: np.ndarray  # (h, w) bool
+
+
+FLUORESCENCE_MAX_MEAN = 128  # gray fields brighter than this on average are bright-field images
+
+
+def load_fields(data: Path, splits: tuple[str, ...] = ("train", "val")) -> list[Field]:
+    """The fluorescence fields (gray, dark background) of the given splits, as (image, mask)."""
+    manifest = {r["id"]: r for r in csv.DictReader(open(data / "manifest.csv"))}
+    ids = [i for s in splits for i in json.loads((data / "splits.json").read_text())[s]]
+    out = []
+    for stem in sorted(ids):
+        if manifest.get(stem, {}).get("grayscale") != "1":
+            continue
+        img = read_image(data / "images" / f"{stem}.png")
+        gray = img[..., 0] if img.ndim == 3 else img
+        if gray.mean() >= FLUORESCENCE_MAX_MEAN:
+            continue
+        out.append(Field(stem, gray, read_image(data / "masks" / f"{stem}.png") > 0))
+    return out
+
+
+def transformed(f: Field, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    img, mask = np.rot90(f.image, k), np.rot90(f.mask, k)
+    if flip:
+        img, mask = img[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(img), np.ascontiguousarray(mask)
+
+
+def layout(fields: list[Field], size: int, coverage: float, gap: int, seed: int) -> list[tuple]:
+    """Placements ``(field index, rot90 k, flip, y, x, h, w)`` packed in rows inside a circle just
+    large enough to reach ``coverage`` (rows and gaps waste part of it)."""
+    for room in (1.35, 1.6, 1.9, 2.3, 2.8, 3.5):
+        rng = np.random.default_rng(seed)
+        radius = min(0.49 * size, math.sqrt(room * coverage * size * size / math.pi))
+        placed = _pack(fields, size, coverage * size * size, radius, gap, rng)
+        if sum(p[5] * p[6] for p in placed) >= 0.98 * coverage * size * size:
+            break
+    return placed
+
+
+def _pack(fields: list[Field], size: int, target: float, radius: float, gap: int,
+          rng: np.random.Generator) -> list[tuple]:
+    cy = cx = size / 2
+    placed, area, y = [], 0.0, cy - radius
+    while y < cy + radius and area < target:
+        row_h, x = 0, None
+        order = rng.permutation(len(fields))
+        for i in order:
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            h, w = fields[i].image.shape[::-1] if k % 2 else fields[i].image.shape
+            # The chord of the ellipse over this row's rows.
+            dy = max(abs(y - cy), abs(y + h - cy))
+            if dy >= radius:
+                continue
+            half = radius * math.sqrt(1 - (dy / radius) ** 2)
+            if x is None:
+                x = cx - half + rng.integers(0, gap + 1)
+            if x + w > cx + half:
+                break
+            placed.append((int(i), k, flip, int(y), int(x), h, w))
+            area += h * w
+            x += w + gap + int(rng.integers(0, gap + 1))
+            row_h = max(row_h, h)
+            if area >= target:
+                break
+        y += (row_h or 64) + gap
+    return placed
+
+
+def pyramid(base: np.ndarray) -> list[np.ndarray]:
+    """2x mean-downsampled levels until the smallest fits in MIN_LEVEL px."""
+    levels = [base]
+    while max(levels[-1].shape) > MIN_LEVEL:
+        a = levels[-1]
+        h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        out = np.empty((h // 2, w // 2), np.uint8)
+        for y in range(0, h, 4096):  # in row blocks: a memory map is never read whole
+            blk = a[y:min(y + 4096, h), :w].astype(np.uint16)
+            out[y // 2:(y + blk.shape[0]) // 2] = (
+                (blk[0::2, 0::2] + blk[1::2, 0::2] + blk[0::2, 1::2] + blk[1::2, 1::2] + 2) // 4)
+        levels.append(out)
+    return levels
+
+
+def write_pyramid(path: Path, levels: list[np.ndarray]) -> None:
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        opts = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "minisblack"}
+        tw.write(levels[0], subifds=len(levels) - 1, metadata={"axes": "YX"}, **opts)
+        for lv in levels[1:]:
+            tw.write(lv, subfiletype=1, **opts)
+
+
+def make_slide(fields: list[Field], size: int, coverage: float, out: Path, seed: int = 2022,
+               gap: int = 16, noise: float = 0.0) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    place = layout(fields, size, coverage, gap, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.name.split(".")[0]
+    scratch = out.with_name(f".{stem}_scratch.npy")
+    img = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(size, size))
+    gt_path = out.with_name(f"{stem}_gt.tif")
+    gt_scratch = out.with_name(f".{stem}_gt_scratch.npy")
+    gt = np.lib.format.open_memmap(gt_scratch, mode="w+", dtype=np.uint8, shape=(size, size))
+    if noise > 0:  # a dim, noisy background like an empty part of a real fluorescence slide
+        for y in range(0, size, 2048):
+            rows = min(2048, size - y)
+            img[y:y + rows] = np.clip(rng.normal(8, noise, (rows, size)), 0, 255).astype(np.uint8)
+    with open(out.with_name(f"{stem}_fields.csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["stem", "rot90", "flip", "y", "x", "h", "w"])
+        for i, k, flip, y, x, h, w in place:
+            im, m = transformed(fields[i], k, flip)
+            img[y:y + h, x:x + w] = im
+            gt[y:y + h, x:x + w] = m
+            writer.writerow([fields[i].stem, k, int(flip), y, x, h, w])
+    img.flush()
+    gt.flush()
+    write_pyramid(out, pyramid(img))
+    tifffile.imwrite(gt_path, gt, bigtiff=True, tile=(TILE, TILE), compression="zlib",
+                     photometric="minisblack")
+    area = sum(h * w for *_, h, w in place)
+    del img, gt
+    scratch.unlink()
+    gt_scratch.unlink()
+    return {"slide": str(out), "gt": str(gt_path), "size": size, "fields": len(place),
+            "coverage": area / size**2, "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"))
+    p.add_argument("--size", type=int, default=20480, help="slide side in px")
+    p.add_argument("--coverage", type=float, default=0.3, help="share of the slide covered by fields")
+    p.add_argument("--noise", type=float, default=0.0, help="std of a dim noisy background (0: black)")
+    p.add_argument("--seed", type=int, default=2022)
+    p.add_argument("--out", type=Path, required=True, help="slide path (NAME.ome.tif)")
+    args = p.parse_args(argv)
+    t = time.perf_counter()
+    fields = load_fields(args.data)
+    info = make_slide(fields, args.size, args.coverage, args.out, args.seed, noise=args.noise)
+    info["seconds"] = round(time.perf_counter() - t, 1)
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
