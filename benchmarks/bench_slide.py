@@ -97,8 +97,8 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
     """Child process: segment each placed field alone; write pooled counts and time to --json."""
     sys.path.insert(0, str(HERE))
     import torch
-    from make_slide import transformed
 
+    from make_slide import transformed
     from napari_segthenseg.engine import Engine, load_model
     from napari_segthenseg.engine.reader import read_image
 
@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     "command": " ".join([Path(sys.executable).name, *sys.argv])}
     with tempfile.TemporaryDirectory(dir=args.json.parent if args.json.parent.exists() else None) as tmp:
         out, report = Path(tmp) / "out", Path(tmp) / "report.jsonl"
-        cmd = [str(Path(sys.executable).with_name("segthenseg-predict")), str(args.slide), "--out", str(out),
-               "--model", args.model, "--device", args.device, "--format", "ome-zarr", "--report", str(report),
-               "--threads", str(args.chunk_threads)]
+        cmd = [str(Path(sys.executable).with_name("segthenseg-predict")), str(args.slide), "--out",
+               str(out), "--model", args.model, "--device", args.device, "--format", "ome-zarr",
+               "--report", str(report), "--threads", str(args.chunk_threads)]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
         slide = run_child(cmd, env)

@@ -101,3 +101,103 @@ def test_bad_inputs_and_models(inputs, model_file, tmp_path, capsys):
     assert main(["--model", str(model_file), str(inputs[1]), "--out", str(out), "--device", "tpu"]) == 2
     assert "unknown device" in capsys.readouterr().err
     assert not out.exists()
+
+
+def record_calls(monkeypatch) -> list[Path]:
+    """The files predict_file is called for."""
+    calls: list[Path] = []
+    real = predict_mod.predict_file
+
+    def spy(engine, f, *args, **kwargs):
+        calls.append(f)
+        return real(engine, f, *args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "predict_file", spy)
+    return calls
+
+
+def test_a_rerun_finishes_the_job_and_cleans_up(inputs, model_file, tmp_path, capsys, monkeypatch):
+    folder, gray = inputs
+    out = tmp_path / "out"
+    assert main(["--model", str(model_file), str(gray), str(folder), "--out", str(out)]) == 1
+    first = sorted(p.name for p in out.iterdir())
+    # What a kill leaves: a temp file, a half-written OME-Zarr, and a mask without its boxes file.
+    (out / ".gray_mask.tif.x1.tmp").write_bytes(b"half")
+    (out / ".big_mask.ome.zarr.partial").mkdir()
+    unfinished = sorted(out.glob("*.boxes.csv"))[0]
+    unfinished.unlink()
+    calls = record_calls(monkeypatch)
+    assert main(["--model", str(model_file), str(gray), str(folder), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "already done" in err and "interrupted run" in err
+    redone = [predict_mod.stem_of(c) for c in calls if c.name != "broken.png"]
+    assert redone == [unfinished.name[: -len(".boxes.csv")]]
+    assert sorted(p.name for p in out.iterdir()) == first  # leftovers gone, the unfinished image redone
+
+
+def test_a_full_disk_stops_at_once(inputs, model_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(predict_mod, "write_boxes_csv", full)
+    calls = record_calls(monkeypatch)
+    folder, gray = inputs
+    assert main(["--model", str(model_file), str(folder), str(gray), "--out", str(tmp_path / "o")]) == 3
+    assert len(calls) == 1 and "is full" in capsys.readouterr().err
+
+
+def test_missing_inputs_are_skipped_and_labels_written(inputs, model_file, tmp_path, capsys):
+    from scipy import ndimage
+
+    folder, gray = inputs
+    out = tmp_path / "o"
+    assert main(["--model", str(model_file), str(gray), str(tmp_path / "gone.png"), "--out", str(out),
+                 "--labels"]) == 1
+    assert "gone.png: no such file" in capsys.readouterr().err
+    labels = tifffile.imread(out / "gray_labels.tif")
+    expected = Engine(make_tiny_model(32), "cpu").segment(read_image(gray)).mask
+    assert labels.dtype == np.uint16 and np.array_equal(labels > 0, expected)
+    assert labels.max() == ndimage.label(expected, np.ones((3, 3)))[1]
+
+
+def test_slides_are_written_as_ome_zarr_napari_opens(model_file, tmp_path, capsys, make_napari_viewer):
+    from napari_segthenseg.engine.omezarr import open_label_image
+
+    rng = np.random.default_rng(0)
+    slide = tmp_path / "slide.ome.tif"
+    base = (rng.random((600, 900)) * 255).astype(np.uint8)
+    with tifffile.TiffWriter(slide, bigtiff=True, ome=True) as tw:
+        tw.write(base, subifds=1, tile=(128, 128), metadata={"axes": "YX"}, photometric="minisblack")
+        tw.write(base[::2, ::2], subfiletype=1, tile=(128, 128), photometric="minisblack")
+    out = tmp_path / "o"
+    report = tmp_path / "report.jsonl"
+    assert main(["--model", str(model_file), str(slide), "--out", str(out), "--format", "ome-zarr",
+                 "--chunk", "256", "--rough-scale", "4", "--report", str(report)]) == 0
+    seg = out / "slide_mask.ome.zarr"
+    image = open_label_image(seg)
+    expected = Engine(make_tiny_model(32), "cpu", rough_scale=4).segment(base).mask
+    assert np.array_equal(np.asarray(image.levels[0][:]) > 0, expected)
+    line = json.loads(report.read_text())
+    assert line["hw"] == [600, 900] and "tiled at 4" in line["rough"] and line["counts"]["chunks"] >= 1
+    assert not list(out.glob(".*"))  # no partial or scratch folders left
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(seg), plugin="napari-ome-zarr")
+    assert layer.__class__.__name__ == "Labels" and layer.multiscale and layer.data[0].shape == (600, 900)
+
+
+def test_bad_slides_are_named_and_leave_nothing(model_file, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = (rng.random((512, 768)) * 255).astype(np.uint8)
+    bad = tmp_path / "levels.ome.tif"
+    with tifffile.TiffWriter(bad, bigtiff=True, ome=True) as tw:
+        tw.write(base, subifds=1, tile=(128, 128), metadata={"axes": "YX"}, photometric="minisblack")
+        tw.write(base[::2, ::3], subfiletype=1, tile=(128, 128), photometric="minisblack")
+    zstack = tmp_path / "zstack.ome.tif"
+    tifffile.imwrite(zstack, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), metadata={"axes": "ZYX"})
+    out = tmp_path / "o"
+    assert main(["--model", str(model_file), str(bad), str(zstack), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "levels.ome.tif: pyramid levels disagree" in err and "zstack.ome.tif: a stack (Z=3" in err
+    assert list(out.iterdir()) == []

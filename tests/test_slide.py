@@ -1,0 +1,173 @@
+"""Whole slides: the rough pass at the trained scale, local windows, chunked output, clusters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import make_tiny_model
+from napari_segthenseg.engine import Engine, ImageSource, omezarr
+from napari_segthenseg.engine.localnorm import LocalWindows
+from napari_segthenseg.engine.pipeline import run
+from napari_segthenseg.engine.reader import open_image
+from napari_segthenseg.engine.rough import RoughResult, lazy_component_boxes, rough_boxes, rough_pass
+from napari_segthenseg.engine.scale import RoughPlan, TrainedScale, plan_rough
+from napari_segthenseg.engine.slide import ChunkedOutput, boxes_by_chunk
+
+DSB_SCALE = TrainedScale(median=4.0, low=4.0, high=21.6875, aspect=2.1095, window=256)
+
+
+def test_the_rough_pass_keeps_the_paper_for_ordinary_images_and_tiles_the_rest():
+    assert not plan_rough((256, 320), 64, DSB_SCALE).tiled  # a training-sized image: the paper's pass
+    assert not plan_rough((1040, 1388), 64, DSB_SCALE).tiled  # the largest training image
+    slide = plan_rough((20480, 20480), 64, DSB_SCALE)
+    assert slide.tiled and slide.scale == 4.0 and slide.rough_hw((20480, 20480), 64) == (5120, 5120)
+    assert plan_rough((300, 20000), 64, DSB_SCALE).tiled  # a long strip
+    assert plan_rough((256, 256), 64, DSB_SCALE, rough_scale=2.0).scale == 2.0  # the user's override
+    assert not plan_rough((20480, 20480), 64, None).tiled  # format 1 model files: the paper's pass
+    with pytest.raises(ValueError, match="positive"):
+        plan_rough((256, 256), 64, DSB_SCALE, rough_scale=0)
+
+
+def fields_canvas(dsb_dir, shape=(768, 1280)) -> np.ndarray:
+    """A gray canvas tiled with the bundled dsb2018 fields (real nuclei), black in between."""
+    from skimage import io
+
+    ids = json.loads((dsb_dir / "splits.json").read_text())["train"][:6]
+    canvas = np.zeros(shape, np.uint8)
+    y = x = 8
+    for i in ids:
+        img = io.imread(dsb_dir / "images" / f"{i}.png")[..., 0]
+        h, w = img.shape
+        if x + w > shape[1]:
+            y, x = y + 272, 8
+        if y + h > shape[0]:
+            break
+        canvas[y:y + h, x:x + w] = img
+        x += w + 24
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def slide_engine(default_model):
+    return Engine(default_model, "cpu", rough_scale=4.0)
+
+
+@pytest.fixture(scope="module")
+def canvas(dsb_dir):
+    return fields_canvas(dsb_dir)
+
+
+def test_tiles_stitch_without_seams(slide_engine, canvas, monkeypatch):
+    import napari_segthenseg.engine.rough as rough
+
+    src = ImageSource(canvas)
+    plan = slide_engine.plan(src.hw)
+    one = run(rough_pass(slide_engine, src, plan))
+    monkeypatch.setattr(rough, "TILE", 64)  # 3 x 5 tiles instead of one
+    tiled = run(rough_pass(slide_engine, src, plan))
+    assert (one.tiles_run, tiled.tiles_run + tiled.tiles_skipped) == (1, 15)
+    assert one.mask.sum() > 500
+    assert (one.mask != tiled.mask).sum() <= 0.002 * one.mask.sum()
+
+
+def test_an_object_across_tiles_and_chunks_is_one_box():
+    mask = np.zeros((300, 400), bool)
+    mask[40:45, 20:380] = True  # crosses every tile and chunk border on its row
+    mask[200:230, 100:110] = True
+    rough = RoughResult(None, mask, None, RoughPlan(True, 4.0, 256))
+    boxes = rough_boxes(rough, (1200, 1600), pad=8, min_box=5)
+    assert len(boxes) == 2
+    assert lazy_component_boxes(mask, chunk=160).tolist() == [[40, 20, 45, 380], [200, 100, 230, 110]]
+
+
+def test_lazy_labelling_matches_scipy():
+    from napari_segthenseg.engine.boxes import component_boxes
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((257, 300), bool)
+    for y, x, h, w in zip(*(rng.integers(0, 240, 30), rng.integers(0, 280, 30), rng.integers(1, 40, 30),
+                            rng.integers(1, 30, 30)), strict=True):
+        mask[y:y + h, x:x + w] = True  # blobs, many across the 100 px chunk borders, some merging
+    ref = sorted(map(tuple, component_boxes(mask).tolist()))
+    assert len(ref) > 10
+    assert sorted(map(tuple, lazy_component_boxes(mask, chunk=100).tolist())) == ref
+
+
+def test_local_windows_follow_the_image(slide_engine):
+    """A dim field beside a bright one gets its own window; flat background is skipped."""
+    img = np.zeros((2048, 2048), np.uint8)
+    rng = np.random.default_rng(0)
+    img[256:768, 256:768] = rng.integers(0, 40, (512, 512))  # dim
+    img[256:768, 1280:1792] = rng.integers(0, 250, (512, 512))  # bright, far away
+    src = ImageSource(img)
+    rough = run(rough_pass(slide_engine, src, slide_engine.plan(src.hw)))
+    assert isinstance(rough.stats, LocalWindows) and rough.tiles_skipped == 0  # 512 px tiles: all hit
+    lo, hi = rough.stats.window_at(np.array([128.0, 128.0]), np.array([128.0, 384.0]))
+    assert hi[0] < 0.6 * hi[1]  # the dim field is stretched, not dimmed by the bright one
+    flat = ImageSource(np.zeros((4096, 4096), np.uint8))
+    empty = run(rough_pass(slide_engine, flat, slide_engine.plan(flat.hw)))
+    assert empty.tiles_run == 0 and empty.tiles_skipped == 4 and not empty.mask.any()
+
+
+def test_chunked_output_equals_the_in_memory_walk(slide_engine, canvas, tmp_path):
+    ref = slide_engine.segment(canvas)
+    image = omezarr.create(tmp_path / "m.ome.zarr", canvas.shape, chunk=256)
+    out = ChunkedOutput(image.levels[0], 256, tmp_path, threads=2)
+    res = run(slide_engine.walk(canvas, output=out))
+    assert np.array_equal(res.boxes, ref.boxes) and len(ref.boxes) > 20
+    assert np.array_equal(np.asarray(image.levels[0][:]) > 0, ref.mask)
+    assert res.counts["chunks"] < 15 and res.counts["chunk_boxes"] >= len(ref.boxes)
+    omezarr.update_pyramid(image)
+    lv1 = np.asarray(image.levels[1][:])
+    m = ref.mask.astype(np.uint8)
+    assert np.array_equal(lv1, m.reshape(m.shape[0] // 2, 2, m.shape[1] // 2, 2).max(axis=(1, 3)))
+
+
+def test_pyramid_update_of_one_region(tmp_path):
+    image = omezarr.create(tmp_path / "p.ome.zarr", (1500, 1100), chunk=128)
+    assert [lv.shape for lv in image.levels] == [(1500, 1100), (750, 550), (375, 275)]
+    image.levels[0][100:300, 200:260] = 1
+    omezarr.update_pyramid(image)
+    assert np.asarray(image.levels[2][:]).sum() == 50 * 15
+    image.levels[0][100:300, 200:260] = 0  # an edit clears a box
+    omezarr.update_pyramid(image, (100, 200, 300, 260))
+    assert not np.asarray(image.levels[1][:]).any() and not np.asarray(image.levels[2][:]).any()
+    back = omezarr.open_label_image(tmp_path / "p.ome.zarr")
+    assert [lv.shape for lv in back.levels] == [lv.shape for lv in image.levels]
+
+
+def test_boxes_by_chunk():
+    boxes = np.array([[0, 0, 10, 10], [120, 120, 140, 140], [250, 0, 260, 300]])
+    index = boxes_by_chunk(boxes, (300, 300), 128)
+    assert sorted(index) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert index[(0, 0)].tolist() == [0, 1] and index[(1, 2)].tolist() == [2]
+
+
+def write_slide(path, image):
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        opts = {"tile": (128, 128), "compression": "zlib", "photometric": "minisblack"}
+        tw.write(image, subifds=1, metadata={"axes": "YX"}, **opts)
+        tw.write(image[::2, ::2], subfiletype=1, **opts)
+
+
+def test_a_two_worker_dask_cluster_gives_the_same_result(tmp_path, canvas):
+    distributed = pytest.importorskip("distributed")
+    path = tmp_path / "slide.ome.tif"
+    write_slide(path, canvas)
+    model = make_tiny_model(32)
+    engine = Engine(model, "cpu", rough_scale=4.0)
+    src = ImageSource(open_image(path).levels, name=str(path))
+    local = omezarr.create(tmp_path / "local.ome.zarr", canvas.shape, chunk=256)
+    run(engine.walk(src, output=ChunkedOutput(local.levels[0], 256, tmp_path)))
+    cluster_out = omezarr.create(tmp_path / "cluster.ome.zarr", canvas.shape, chunk=256)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        res = run(engine.walk(src, output=ChunkedOutput(cluster_out.levels[0], 256, tmp_path,
+                                                        client=client, source_path=str(path))))
+        workers = len(client.scheduler_info()["workers"])
+    assert workers == 2 and res.counts["chunks"] > 1
+    assert np.array_equal(np.asarray(local.levels[0][:]), np.asarray(cluster_out.levels[0][:]))
