@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-threads", type=int, default=2, help="segthenseg-predict --threads")
     p.add_argument("--workers", type=int, default=None, help="segthenseg-predict --workers (dask cluster)")
     p.add_argument("--skip-fields", action="store_true", help="only the slide (e.g. for the largest one)")
+    p.add_argument("--no-heap-fix", action="store_true",
+                   help="keep glibc's dynamic mmap threshold (SEGTHENSEG_HEAP_FIX=0) to compare peak RSS")
     p.add_argument("--json", type=Path, required=True, help="write the results here")
     p.add_argument("--fields-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -154,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.no_heap_fix:
+        env["SEGTHENSEG_HEAP_FIX"] = "0"
     result: dict = {"slide": str(args.slide), "model": args.model, "device": args.device,
+                    "heap_fix": not args.no_heap_fix,
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
                     "command": " ".join([Path(sys.executable).name, *sys.argv])}
