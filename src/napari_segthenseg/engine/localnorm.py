@@ -35,7 +35,8 @@ FLAT_FRACTION = 0.01  # a cell whose range is below this share of the slide's ra
 MIN_CONTRAST = 0.15
 CROP_MIN_CONTRAST = 0.5
 CELLS_PER_WINDOW = 2  # cells across one training window
-NEIGHBOURHOOD = 3  # cells across the window taken at a cell (3: the cell and its 8 neighbours)
+NEIGHBOURHOOD = 3  # cells across the rough net's window at a cell (3: the cell and its 8 neighbours)
+CROP_NEIGHBOURHOOD = 1  # cells across a crop's window (1: its own cell)
 
 
 @dataclass
@@ -53,15 +54,19 @@ class LocalWindows:
     cmin: np.ndarray  # (gy, gx) darkest value of each cell
     cmax: np.ndarray  # (gy, gx) brightest value of each cell
     flat: np.ndarray  # (gy, gx) bool: the cell has no contrast
-    neighbourhood: int = NEIGHBOURHOOD
+    neighbourhoods: tuple[int, int] = (NEIGHBOURHOOD, CROP_NEIGHBOURHOOD)  # rough, crops (cells)
     floors: tuple[float, float] = (MIN_CONTRAST, CROP_MIN_CONTRAST)  # rough, crops
 
     def __post_init__(self) -> None:
         span = max(float(self.cmax.max() - self.cmin.min()) if self.cmax.size else 0.0, 1e-8)
-        lo = ndimage.minimum_filter(self.cmin, size=self.neighbourhood, mode="nearest")
-        hi = ndimage.maximum_filter(self.cmax, size=self.neighbourhood, mode="nearest")
-        self._rough = self._fields(lo, np.maximum(hi, lo + self.floors[0] * span))
-        self._crops = self._fields(self.cmin, np.maximum(self.cmax, self.cmin + self.floors[1] * span))
+        (nr, nc), (fr, fc) = self.neighbourhoods, self.floors
+        self._rough, self._crops = self._window(nr, fr * span), self._window(nc, fc * span)
+
+    def _window(self, cells: int, floor: float) -> torch.Tensor:
+        """(1, 2, gy, gx) lo and hi over ``cells x cells`` cells, at least ``floor`` apart."""
+        lo = ndimage.minimum_filter(self.cmin, size=cells, mode="nearest")
+        hi = ndimage.maximum_filter(self.cmax, size=cells, mode="nearest")
+        return self._fields(lo, np.maximum(hi, lo + floor))
 
     @staticmethod
     def _fields(lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
