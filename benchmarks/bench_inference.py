@@ -11,7 +11,7 @@ Per image (loaded into memory before any timing; disk reads are excluded) it tim
 
 With ``--model`` (a file, or ``default`` for the bundled one) the boxes come from the rough net.
 Without it, both nets are random U-Nets of the paper's shape (timing does not depend on weights)
-and the boxes come from the ground-truth mask with the SPEC's rules, so box counts are realistic.
+and the boxes come from the ground-truth mask with the engine's box rules, so box counts are realistic.
 
     python benchmarks/bench_inference.py --data ../shared/data/dsb2018 --size 64 \
         --json benchmarks/results/inference_cpu_s64.json
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     boxes_from = ("the rough net" if args.model else
-                  "ground truth (random-weight nets: boxes = SPEC rules on the GT components)")
+                  "ground truth (random-weight nets: boxes = the engine's box rules on the GT components)")
     for _ in range(args.warmup):  # allocator, oneDNN/cuDNN kernel choice, lazy inits
         bench_image(engine, loop_net, items[0], 1)
     progress = tqdm(items, desc="images", file=sys.stderr)

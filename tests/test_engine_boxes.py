@@ -1,4 +1,4 @@
-"""Box rules (SPEC 2, step 2): property tests and hand-checked cases."""
+"""Box rules (the paper's step 2): property tests and hand-checked cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Box rules (SPEC section 2, step 2), shared by inference and training.
+"""Box rules (the paper's step 2, Benčević et al. 2023), shared by inference and training.
 
 A box is ``(y0, x0, y1, x1)`` in full-resolution pixels, half-open, always inside the image.
 Boxes are kept in an ``int64`` array of shape ``(N, 4)``.
