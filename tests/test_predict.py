@@ -163,6 +163,8 @@ def test_missing_inputs_are_skipped_and_labels_written(inputs, model_file, tmp_p
 
 
 def test_slides_are_written_as_ome_zarr_napari_opens(model_file, tmp_path, capsys, make_napari_viewer):
+    from scipy import ndimage
+
     from napari_segthenseg.engine.omezarr import open_label_image
 
     rng = np.random.default_rng(0)
@@ -182,6 +184,12 @@ def test_slides_are_written_as_ome_zarr_napari_opens(model_file, tmp_path, capsy
     line = json.loads(report.read_text())
     assert line["hw"] == [600, 900] and "tiled at 4" in line["rough"] and line["counts"]["chunks"] >= 1
     assert not list(out.glob(".*"))  # no partial or scratch folders left
+    assert main(["--model", str(model_file), str(slide), "--out", str(out), "--format", "ome-zarr",
+                 "--chunk", "256", "--rough-scale", "4", "--labels"]) == 0
+    labels = open_label_image(out / "slide_labels.ome.zarr").levels
+    ids = np.asarray(labels[0][:])
+    assert ids.dtype == np.uint32 and np.array_equal(ids > 0, expected)
+    assert ids.max() == ndimage.label(expected, np.ones((3, 3)))[1] and labels[1].dtype == np.uint32
     viewer = make_napari_viewer()
     [layer] = viewer.open(str(seg), plugin="napari-ome-zarr")
     assert layer.__class__.__name__ == "Labels" and layer.multiscale and layer.data[0].shape == (600, 900)
