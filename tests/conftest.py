@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,15 @@ def make_tiny_model(size: int = 32, channels: int = 3, rough: bool = True, fine:
 @pytest.fixture
 def tiny_model() -> StSModel:
     return make_tiny_model()
+
+
+def flip_middle(path, n: int = 8) -> None:
+    """Invert ``n`` bytes in the middle of the largest tensor stored in a checkpoint (a zip archive;
+    the exact middle of a small file can be alignment padding, which holds no data)."""
+    with zipfile.ZipFile(path) as z:
+        rec = max(z.infolist(), key=lambda i: i.compress_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[rec.header_offset + 26:rec.header_offset + 30])
+    mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
+    raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
+    path.write_bytes(bytes(raw))

@@ -8,14 +8,13 @@ import csv
 import dataclasses
 import errno
 import json
-import struct
-import zipfile
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from conftest import flip_middle
 from napari_segthenseg.engine import load_model
 from napari_segthenseg.engine.scale import TrainedScale
 from trainer import checkpoint as checkpoint_mod
@@ -64,18 +63,6 @@ def data(tmp_path_factory) -> Path:
 def read_metrics(out: Path) -> list[tuple[str, int]]:
     with open(out / "metrics.csv", newline="") as fh:
         return [(r["stage"], int(r["epoch"])) for r in csv.DictReader(fh)]
-
-
-def flip_middle(path, n: int = 8) -> None:
-    """Invert ``n`` bytes in the middle of the largest tensor stored in a checkpoint (a zip archive;
-    the exact middle of a small file can be alignment padding, which holds no data)."""
-    with zipfile.ZipFile(path) as z:
-        rec = max(z.infolist(), key=lambda i: i.compress_size)
-    raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[rec.header_offset + 26:rec.header_offset + 30])
-    mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
-    raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
-    path.write_bytes(bytes(raw))
 
 
 def rough(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:

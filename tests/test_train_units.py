@@ -3,13 +3,11 @@ fallback to the previous one, temporary files)."""
 
 from __future__ import annotations
 
-import struct
-import zipfile
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import flip_middle
 from napari_segthenseg.engine import Engine, ModelSettings, StSModel, UNet, square_pad_shift
 from trainer.augment import AugmentSettings, apply_affines, augment_batch, random_affines
 from trainer.checkpoint import (
@@ -135,18 +133,6 @@ def test_losses():
     target = torch.zeros(3, 4, 4, dtype=torch.bool)
     pred[1, :2], target[1, 1:3], target[2, 0] = True, True, True
     assert dice_per_item(pred, target).tolist() == [1.0, 0.5, 0.0]  # empty vs empty scores 1
-
-
-def flip_middle(path, n: int = 8) -> None:
-    """Invert ``n`` bytes in the middle of the largest tensor stored in a checkpoint (a zip archive;
-    the exact middle of a small file can be alignment padding, which holds no data)."""
-    with zipfile.ZipFile(path) as z:
-        rec = max(z.infolist(), key=lambda i: i.compress_size)
-    raw = bytearray(path.read_bytes())
-    name_len, extra_len = struct.unpack("<HH", raw[rec.header_offset + 26:rec.header_offset + 30])
-    mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
-    raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
-    path.write_bytes(bytes(raw))
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):

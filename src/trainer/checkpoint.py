@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from napari_segthenseg.engine.atomic import atomic_write
-from napari_segthenseg.engine.integrity import FileProblem, safe_load, seal, verify
+from napari_segthenseg.engine.integrity import FileProblem, load_checked, seal
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
@@ -83,21 +83,9 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """One checkpoint file, checked; :class:`CheckpointError` says what is wrong with it."""
     try:
-        state = safe_load(path, WHAT)
+        return load_checked(path, WHAT, FORMAT, READABLE_VERSIONS, sealed_from=2)
     except FileProblem as exc:
         raise CheckpointError(str(exc)) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a segthenseg-train checkpoint")
-    version = state.get("version")
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} is a checkpoint of version {version!r}; this release resumes "
-                              f"versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if version >= 2:
-        try:
-            verify(state, path, WHAT)
-        except FileProblem as exc:
-            raise CheckpointError(str(exc)) from None
-    return state
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:

@@ -73,6 +73,23 @@ def verify(payload: dict[str, Any], path: str | os.PathLike, what: str) -> None:
                           "written with it (a disk or copy error changed some bytes)")
 
 
+def load_checked(path: str | os.PathLike, what: str, fmt: str, versions: tuple[int, ...],
+                 sealed_from: int) -> dict[str, Any]:
+    """Safely load one of our files: its ``format`` must be ``fmt``, its ``version`` one of
+    ``versions``, and from version ``sealed_from`` on its checksum must match. Raises
+    :class:`FileProblem` saying which check failed."""
+    payload = safe_load(path, what)
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise FileProblem(f"{path} is not a {what}")
+    version = payload.get("version")
+    if version not in versions:
+        raise FileProblem(f"{path} is a {what} of format version {version!r}; this release reads "
+                          f"{', '.join(map(str, versions))}")
+    if version >= sealed_from:
+        verify(payload, path, what)
+    return payload
+
+
 def safe_load(path: str | os.PathLike, what: str) -> Any:
     """``torch.load(weights_only=True)`` with messages that say what is actually wrong.
 

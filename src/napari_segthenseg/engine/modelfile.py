@@ -29,7 +29,7 @@ import torch
 from .atomic import atomic_write
 from .boxes import MIN_BOX, default_pad
 from .image import NORMALISATIONS
-from .integrity import FileProblem, safe_load, seal, verify
+from .integrity import FileProblem, load_checked, seal
 from .scale import TrainedScale
 from .unet import UNet, build_network
 
@@ -170,20 +170,9 @@ def load_model(path: str | os.PathLike) -> StSModel:
     """Load a model file (or ``"default"``) without executing any code; raise ModelFileError."""
     p = resolve_model_path(path)
     try:
-        payload = safe_load(p, "napari-segthenseg model file")
+        payload = load_checked(p, "napari-segthenseg model file", FORMAT, READABLE_VERSIONS, sealed_from=2)
     except FileProblem as exc:
         raise ModelFileError(str(exc)) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelFileError(f"{p} is not a napari-segthenseg model file")
-    version = payload.get("version")
-    if version not in READABLE_VERSIONS:
-        raise ModelFileError(f"{p} has model format version {version!r}; this release reads "
-                             f"{', '.join(map(str, READABLE_VERSIONS))}")
-    if version >= 2:
-        try:
-            verify(payload, p, "model file")
-        except FileProblem as exc:
-            raise ModelFileError(str(exc)) from None
     try:
         settings = ModelSettings.from_json(payload["settings"])
     except (KeyError, TypeError, ValueError) as exc:
