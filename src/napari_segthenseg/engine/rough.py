@@ -22,7 +22,7 @@ import torch
 from .boxes import component_boxes, finalize_boxes, scale_boxes
 from .image import ImageSource, NormStats, compute_stats, match_channels
 from .localnorm import LocalWindows, survey
-from .memory import keep_heap_small
+from .memory import release_free_memory
 from .progress import Progress
 from .scale import RoughPlan
 
@@ -83,7 +83,6 @@ def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: obje
         with engine.timed("rough_net"):
             prob = engine.forward(engine.rough_net, x)[0].cpu().numpy()
         return RoughResult(prob, prob >= s.threshold, stats, plan)
-    keep_heap_small()  # a long run's buffers would otherwise stay on the heap (see .memory)
     with engine.timed("survey"):
         stats = yield from windows_for(engine, src, plan)
     rough_hw = plan.rough_hw(src.hw, s.size)
@@ -115,6 +114,7 @@ def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: obje
         if prob_out is not None:
             prob_out[y0:y1, x0:x1] = p
         run += 1
+        release_free_memory()  # else the heap keeps every tile's peak (see .memory)
     yield Progress("rough pass", len(tiles), len(tiles))
     return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .boxes import crop_windows
 from .image import ImageSource
-from .memory import keep_heap_small
+from .memory import release_free_memory
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -170,6 +170,8 @@ def run_chunk(job: ChunkJob, region: tuple[int, int, int, int], boxes: np.ndarra
     with engine.timed("write"):
         if job.overwrite or mask.any():  # all-background chunks stay unwritten (the fill value)
             job.array[y0:y1, x0:x1] = mask.astype(np.uint8)
+    del mask
+    release_free_memory()  # else the heap keeps every chunk's peak (see .memory)
     return dict(engine.timings), {**engine.counts, "chunk_boxes": len(boxes)}
 
 
@@ -178,7 +180,6 @@ def fine_by_chunks(engine: Engine, src: ImageSource, boxes: np.ndarray, stats: S
                    ) -> Generator[Progress, None, tuple[dict[str, float], dict[str, int]]]:
     """Steps 3-4 for a slide: every chunk with boxes (or the given ``regions``), on local threads
     or a cluster. Returns the summed stage times (thread-seconds) and counts."""
-    keep_heap_small()  # else the heap keeps every chunk's peak (see .memory)
     hw, chunk = src.hw, output.chunk
     index = boxes_by_chunk(boxes, hw, chunk)
     if regions is None:
