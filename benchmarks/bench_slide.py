@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="segthenseg-predict --workers (dask cluster)")
     p.add_argument("--skip-fields", action="store_true", help="only the slide (e.g. for the largest one)")
     p.add_argument("--no-heap-fix", action="store_true",
-                   help="do not hand the free heap back after chunks (SEGTHENSEG_HEAP_FIX=0): compare peak RSS")
+                   help="keep the free heap after chunks (SEGTHENSEG_HEAP_FIX=0): compare peak RSS")
     p.add_argument("--json", type=Path, required=True, help="write the results here")
     p.add_argument("--fields-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

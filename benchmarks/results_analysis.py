@@ -18,7 +18,8 @@ Writes a per-image CSV and a JSON summary (means, and the same split by groups o
 ``--metrics``, a summary of the learning curves of a training run's ``metrics.csv`` (best epoch, Dice of
 the last 10 epochs against the 10 before: still rising or flat).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/results_analysis.py runs/x/model.pt ../shared/data/kvasir_seg \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/results_analysis.py \
+        runs/x/model.pt ../shared/data/kvasir_seg \
         --metrics runs/x/metrics.csv --csv runs/x/analysis.csv --json runs/x/analysis.json
 """
 
@@ -79,7 +80,8 @@ def main() -> None:
     s, pad, min_box = model.settings.size, model.settings.pad, model.settings.min_box
     run = Path(args.run) if args.run else Path(args.model).parent
     if (run / "splits.json").is_file():
-        splits = read_splits_file(run / "splits.json", image_stems(Path(args.data)), Path(args.data) / "images")
+        data = Path(args.data)
+        splits = read_splits_file(run / "splits.json", image_stems(data), data / "images")
         samples = load_stems(args.data, splits[args.split])
     else:
         samples = load_samples(args.data, args.split)
