@@ -2,11 +2,13 @@
 
 Run under a (virtual) screen, e.g.::
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py [--model FILE]
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py \
+        --out runs/screenshots [--model FILE]
 
-Writes ``docs/plugin_run.png`` (after Run), ``docs/plugin_zoom.png`` (close-up: rough mask,
-boxes, segmentation) and ``docs/plugin_edit.png`` (after deleting the box nearest the centre and
-drawing a tighter one by hand around the object it held; the new box is selected).
+Writes ``plugin_run.png`` (after Run), ``plugin_zoom.png`` (close-up: rough mask, boxes,
+segmentation) and ``plugin_edit.png`` (after deleting the box nearest the centre and drawing a
+tighter one by hand around the object it held; the new box is selected) into ``--out`` (default
+``runs/screenshots``, git-ignored); copy them into docs/ to update the documentation.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import numpy as np
 from napari_segthenseg._widget import DEBOUNCE_MS
 from napari_segthenseg.demo import open_viewer, wait_idle
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "runs" / "screenshots"
 
 
-def shoot(viewer, widget, name: str) -> Path:
+def shoot(viewer, widget, name: str, out: Path = OUT) -> Path:
     wait_idle(widget, 120)
     wait_idle(widget, 0.5)
-    path = DOCS / name
+    path = out / name
     viewer.screenshot(str(path), canvas_only=False)
     print(f"{path}: {widget.status.value}")
     return path
@@ -56,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="model file (default: the bundled model)")
     p.add_argument("--image", default=None, help="image file (default: the bundled sample)")
+    p.add_argument("--out", type=Path, default=OUT, help="folder for the PNGs (default: runs/screenshots)")
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
     viewer, widget = open_viewer(args.image, args.model)
     if widget.current_model is None:
         print("no model: pass --model FILE", file=sys.stderr)
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     widget.run()
     wait_idle(widget, 300)
     viewer.reset_view()
-    shoot(viewer, widget, "plugin_run.png")
+    shoot(viewer, widget, "plugin_run.png", args.out)
 
     boxes_layer = widget._session.boxes_layer
     boxes = widget.current_boxes()
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     k = int(np.argmin(((centres - (h / 2, w / 2)) ** 2).sum(1)))
     viewer.camera.center = tuple(np.asarray(image.data_to_world(tuple(centres[k]))))
     viewer.camera.zoom = viewer.camera.zoom * 3
-    shoot(viewer, widget, "plugin_zoom.png")
+    shoot(viewer, widget, "plugin_zoom.png", args.out)
 
     # the user deletes that box, and draws a tighter one by hand around the object it held
     boxes_layer.selected_data = {k}
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{widget.status.value}")
         boxes_layer.selected_data = {len(boxes_layer.data) - 1}
     viewer.layers.selection.active = boxes_layer
-    shoot(viewer, widget, "plugin_edit.png")
+    shoot(viewer, widget, "plugin_edit.png", args.out)
     viewer.close()
     return 0
 

@@ -29,10 +29,13 @@ def test_napari_plugin_manager_finds_the_contributions():
     assert [w.display_name for w in contrib.widgets] == ["Segment-then-Segment"]
     assert [s.key for s in contrib.sample_data] == ["nuclei"]
     from napari_segthenseg._io import LABEL_SUFFIXES
+    from napari_segthenseg.engine.reader import TIFF_EXTENSIONS
 
     assert [r.filename_patterns for r in contrib.readers] == [["*.boxes.csv"],
-                                                              [f"*{s}" for s in LABEL_SUFFIXES]]
-    assert [w.filename_extensions for w in contrib.writers] == [[".boxes.csv"]]
+                                                              [f"*{s}" for s in LABEL_SUFFIXES],
+                                                              [f"*{e}" for e in TIFF_EXTENSIONS]]
+    assert [w.filename_extensions for w in contrib.writers] == [[".boxes.csv"], [".ome.zarr", ".zarr"]]
+    assert [w.layer_types for w in contrib.writers] == [["shapes"], ["labels"]]
 
 
 def test_npe2_validate_passes():

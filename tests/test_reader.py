@@ -138,3 +138,18 @@ def test_unknown_and_missing_files(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ImageFileError, match="not an OME-Zarr"):
         open_image(tmp_path / "folder")
+
+
+def test_jpeg_tiled_rgb_slide_svs_style(tmp_path, monkeypatch):
+    """JPEG tiles (imagecodecs) of an RGB slide, with the Aperio description tifffile knows SVS by."""
+    import napari_segthenseg.engine.reader as reader
+
+    monkeypatch.setattr(reader, "LAZY_MIN_PIXELS", 0)
+    smooth = np.kron(RNG.integers(0, 255, (32, 48, 3), dtype=np.uint8), np.ones((32, 32, 1), np.uint8))
+    path = tmp_path / "slide.svs"
+    tifffile.imwrite(path, smooth, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     description="Aperio Image Library v11.2.1 \r\n1536x1024 (256x256) JPEG/RGB Q=90")
+    with open_image(path) as opened:
+        assert opened.kind == "SVS" and opened.lazy and opened.shape == (1024, 1536, 3)
+        region = np.asarray(opened.levels[0][300:364, 300:364])
+        assert np.abs(region.astype(int) - smooth[300:364, 300:364]).mean() < 4  # lossy, but the image

@@ -1,4 +1,5 @@
-"""npe2 readers and writer: boxes as CSV, and segmentations written as TIFF opened as Labels.
+"""npe2 readers and writers: boxes as CSV, segmentations (TIFF read as Labels, OME-Zarr written),
+and whole slides (pyramidal or very large TIFF-family files) read lazily as multiscale images.
 
 Boxes: ``y0,x0,y1,x1`` in image pixels, half-open, with a header. The file extension is
 ``.boxes.csv`` so that napari's own Shapes CSV (a vertex list) keeps ``.csv``.
@@ -12,6 +13,13 @@ napari 0.9 picks a reader like this: ``viewer.open(path)`` uses napari's built-i
 plugins claim a file name (napari's own claims ``*.csv`` and ``*.tif``) unless the preferences map
 the name to one (Preferences > Plugins, or ``settings.plugins.extension2reader``). So open these
 files with ``viewer.open(path, plugin="napari-segthenseg")``, or see docs/PLUGIN.md for the preference.
+
+Slides: napari's own reader decodes a whole TIFF into memory (a 20,000 px slide: 1.2 GB RGB), so
+pyramidal OME-TIFF/SVS/NDPI/BigTIFF files and TIFFs over ``LAZY_MIN_PIXELS`` are read through the
+engine's reader instead: a multiscale Image layer of dask arrays over the file's tiles. Small plain
+TIFFs and ``*_mask.tif``/``*_labels.tif`` are left to the other readers (this one returns None).
+OME-Zarr folders are napari-ome-zarr's (a dependency). Segmentations are saved as OME-Zarr label
+images (``*.ome.zarr``), the format ``segthenseg-predict`` writes for slides.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import numpy as np
 from ._layers import BOX_COLOUR, boxes_to_rectangles, snap_to_pixels
 from .engine.boxio import read_boxes_csv, write_boxes_csv
 
-__all__ = ["LABEL_SUFFIXES", "napari_get_label_reader", "napari_get_reader", "read_boxes_csv",
-           "write_boxes", "write_boxes_csv"]
+__all__ = ["LABEL_SUFFIXES", "napari_get_label_reader", "napari_get_reader", "napari_get_slide_reader",
+           "read_boxes_csv", "write_boxes", "write_boxes_csv", "write_labels_zarr"]
 
 EXTENSION = ".boxes.csv"
 # the file names the Labels reader takes (napari.yaml lists the same as filename_patterns)
@@ -85,3 +93,77 @@ def _read_label_layer(path: str) -> list[tuple]:
     if data.dtype == bool:
         data = data.view(np.uint8)
     return [(data, {"name": Path(path).stem}, "labels")]
+
+
+# -- slides -----------------------------------------------------------------------------------
+VIRTUAL_LEVEL_MAX_SIDE = 2048  # a single-level slide gets strided views down to this size
+
+
+def napari_get_slide_reader(path: str | list[str]):
+    """npe2 reader: a pyramidal or very large TIFF-family file -> a lazy multiscale Image layer.
+
+    Decided from the TIFF structure alone (nothing decoded): several pyramid levels, or more than
+    ``LAZY_MIN_PIXELS`` pixels. Anything else returns None (napari's own reader does small TIFFs).
+    """
+    from .engine.reader import LAZY_MIN_PIXELS, TIFF_EXTENSIONS
+
+    name = str(path).lower() if not isinstance(path, list) else ""
+    if not name.endswith(TIFF_EXTENSIONS) or name.endswith(LABEL_SUFFIXES):
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            n_levels = len(series.levels)
+            pixels = int(np.prod([n for a, n in zip(series.axes, series.shape, strict=True) if a in "YX"]))
+    except (OSError, ValueError, IndexError, KeyError, tifffile.TiffFileError):
+        return None
+    if n_levels < 2 and pixels <= LAZY_MIN_PIXELS:
+        return None
+    return _read_slide
+
+
+def slide_stem(path: str) -> str:
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _read_slide(path: str) -> list[tuple]:
+    from .engine.reader import open_image
+
+    opened = open_image(path)  # ImageFileError (a stack, 2 channels, ...) says what is wrong
+    levels = list(opened.levels)
+    meta: dict = {"name": slide_stem(path), "rgb": levels[0].ndim == 3,
+                  "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe()}}
+    if len(levels) == 1:  # one huge level: strided views so that zooming out never reads it all
+        base, f = levels[0], 2
+        while max(int(s) for s in base.shape[:2]) // f > VIRTUAL_LEVEL_MAX_SIDE // 2:
+            levels.append(base[::f, ::f])
+            f *= 2
+        if np.dtype(base.dtype).kind in "ui":  # napari would read the smallest level for the range
+            info = np.iinfo(base.dtype)
+            meta["contrast_limits"] = (float(info.min), float(info.max))
+    elif levels[0].ndim == 2 and np.dtype(levels[0].dtype).kind in "uif":
+        # dim fluorescence shows black at the dtype's full range: stretch to the smallest level's
+        # 0.1-99.9 % (a few MB read; napari alone would take its min-max)
+        lo, hi = np.percentile(np.asarray(levels[-1]), [0.1, 99.9])
+        if hi > lo:
+            meta["contrast_limits"] = (float(lo), float(hi))
+    meta["multiscale"] = len(levels) > 1
+    return [(levels if len(levels) > 1 else levels[0], meta, "image")]
+
+
+def write_labels_zarr(path: str, data: object, meta: dict) -> list[str]:
+    """npe2 single-layer writer for Labels: an OME-Zarr label image with a pyramid.
+
+    A slide's segmentation layer (backed by the plugin's session store) is copied as it is; any
+    other 2D Labels layer is written block by block.
+    """
+    from ._slide import STORE_KEY, save_label_image
+
+    store = (meta.get("metadata") or {}).get(STORE_KEY)
+    return [str(save_label_image(path, data, store))]

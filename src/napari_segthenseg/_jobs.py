@@ -7,6 +7,7 @@ owns one :class:`~napari_segthenseg.engine.Engine` (engines are not thread-safe)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from ._layers import labels_from_mask
 from .engine import Engine, RoughResult, StSModel
 from .engine.pipeline import REFINE_CHUNK, Stats
 from .engine.progress import Progress
+from .engine.scale import plan_rough
 
 Box = tuple[int, int, int, int]
 EngineFactory = Callable[[StSModel, str], Engine]
@@ -41,13 +43,41 @@ class JobFailed:
     message: str
 
 
-def guarded(job: Callable[..., Generator[Progress, None, JobResult]], *args
-            ) -> Generator[Progress, None, JobResult | JobFailed]:
-    """Run ``job``, turning expected errors into :class:`JobFailed` (bugs still raise)."""
+CANCELLED = JobFailed("cancelled")
+
+
+def guarded(job: Callable[..., Generator[Progress, None, object]], *args,
+            cancel: threading.Event | None = None) -> Generator[Progress, None, object]:
+    """Run ``job``, turning expected errors into :class:`JobFailed` (bugs still raise).
+
+    When ``cancel`` is set, the job is closed at its next step *in this thread* (its ``finally``
+    blocks run here: a slide job stops its chunk threads and removes its unfinished store) and
+    :data:`CANCELLED` is returned.
+    """
+    steps = job(*args)
     try:
-        return (yield from job(*args))
+        while True:
+            if cancel is not None and cancel.is_set():
+                steps.close()
+                return CANCELLED
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield step
     except (ValueError, RuntimeError, MemoryError, OSError) as exc:  # torch OOM is a RuntimeError
         return JobFailed(str(exc))
+    finally:
+        steps.close()
+
+
+def use_rough_scale(engine: Engine, rough_scale: float | None) -> Engine:
+    """The user's rough scale (image px per rough px) on an engine made by a factory; None keeps
+    the model's (``Engine(rough_scale=...)`` for factories that take only the model and device)."""
+    if rough_scale is not None:
+        plan_rough((64, 64), engine.settings.size, None, rough_scale)  # validates it
+        engine.rough_scale = float(rough_scale)
+    return engine
 
 
 def box_key(box: np.ndarray) -> Box:
@@ -81,10 +111,10 @@ def _fuse(engine: Engine, boxes: np.ndarray, probs: Mapping[Box, np.ndarray],
     return engine.fuse(stack, boxes, hw)
 
 
-def run_job(make_engine: EngineFactory, model: StSModel, device: str, image: object
-            ) -> Generator[Progress, None, JobResult]:
+def run_job(make_engine: EngineFactory, model: StSModel, device: str, image: object,
+            rough_scale: float | None = None) -> Generator[Progress, None, JobResult]:
     """The automatic pipeline (the engine's walk): rough pass -> boxes -> fine pass -> fuse."""
-    engine = make_engine(model, device)
+    engine = use_rough_scale(make_engine(model, device), rough_scale)
     res = yield from engine.walk(image)
     if engine.fine_net is None or res.probs is None:  # rough-only: the mask is the upsampled rough mask
         new = {}
@@ -95,10 +125,10 @@ def run_job(make_engine: EngineFactory, model: StSModel, device: str, image: obj
 
 
 def update_job(make_engine: EngineFactory, model: StSModel, device: str, image: object,
-               boxes: np.ndarray, cache: Mapping[Box, np.ndarray], stats: Stats | None
-               ) -> Generator[Progress, None, JobResult]:
+               boxes: np.ndarray, cache: Mapping[Box, np.ndarray], stats: Stats | None,
+               rough_scale: float | None = None) -> Generator[Progress, None, JobResult]:
     """Segment ``boxes``, refining only those not in ``cache``; re-fuse all of them."""
-    engine = make_engine(model, device)
+    engine = use_rough_scale(make_engine(model, device), rough_scale)
     src = engine.source(image)
     if stats is None:
         yield Progress("image statistics", 0, 2)

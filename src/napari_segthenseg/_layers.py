@@ -106,16 +106,30 @@ def boxes_to_rectangles(boxes: np.ndarray, plane: Plane) -> list[np.ndarray]:
     return out
 
 
+def _bounds(shapes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per shape (last two columns y, x): lowest and highest corner, and whether every vertex lies
+    on those bounds (an axis-aligned rectangle). Shapes with the same number of vertices are done
+    at once: 15,000 boxes take milliseconds, not the seconds of a per-shape loop."""
+    n = len(shapes)
+    lo, hi, aligned = np.zeros((n, 2)), np.zeros((n, 2)), np.zeros(n, dtype=bool)
+    groups: dict[int, list[int]] = {}
+    for i, verts in enumerate(shapes):
+        groups.setdefault(len(verts), []).append(i)
+    for idx in groups.values():
+        v = np.asarray([shapes[i] for i in idx], dtype=float)[..., -2:]  # (m, vertices, 2)
+        low, high = v.min(axis=1), v.max(axis=1)
+        lo[idx], hi[idx] = low, high
+        aligned[idx] = np.all(np.isclose(v, low[:, None]) | np.isclose(v, high[:, None]), axis=(1, 2))
+    return lo, hi, aligned
+
+
 def snap_to_pixels(shapes: list[np.ndarray]) -> np.ndarray:
     """Bounding box of each shape (last two columns y, x) snapped to pixel borders: float (N, 4).
 
     A corner at pixel border ``j - 0.5`` becomes index ``j``; nothing is clipped here.
     """
-    raw = np.zeros((len(shapes), 4))
-    for i, verts in enumerate(shapes):
-        v = np.asarray(verts, dtype=float).reshape(-1, np.shape(verts)[-1])[:, -2:]
-        raw[i] = (*v.min(axis=0), *v.max(axis=0))
-    return np.round(raw + 0.5)
+    lo, hi, _ = _bounds(shapes)
+    return np.round(np.concatenate([lo, hi], axis=1) + 0.5)
 
 
 @dataclass
@@ -135,14 +149,11 @@ def rectangles_to_boxes(shapes: list[np.ndarray], shape_types: list[str], hw: tu
     Any shape counts as its bounding box; edges are snapped to the nearest pixel border and the
     box is clipped to the image (:func:`clip_boxes`, the engine's rule for hand boxes).
     """
-    raw = snap_to_pixels(shapes)
-    odd = 0
-    for verts, kind in zip(shapes, shape_types, strict=True):
-        v = np.asarray(verts, dtype=float)[:, -2:]
-        lo, hi = v.min(axis=0), v.max(axis=0)
-        axis_aligned = np.all(np.isclose(v[:, 0], lo[0]) | np.isclose(v[:, 0], hi[0])) and np.all(
-            np.isclose(v[:, 1], lo[1]) | np.isclose(v[:, 1], hi[1]))
-        odd += kind != RECTANGLE or not axis_aligned
+    if len(shapes) != len(shape_types):
+        raise ValueError(f"{len(shapes)} shapes but {len(shape_types)} shape types")
+    lo, hi, aligned = _bounds(shapes)
+    raw = np.round(np.concatenate([lo, hi], axis=1) + 0.5)
+    odd = int(np.sum((np.asarray(shape_types, dtype=object) != RECTANGLE) | ~aligned)) if len(shapes) else 0
     inside = (raw[:, 0] >= 0) & (raw[:, 1] >= 0) & (raw[:, 2] <= hw[0]) & (raw[:, 3] <= hw[1])
     boxes = clip_boxes(raw, hw)
     dropped = len(raw) - len(boxes)

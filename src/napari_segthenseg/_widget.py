@@ -1,27 +1,33 @@
 """The "Segment-then-Segment" dock widget: pick image, model and device, Run, then edit boxes.
 
 The widget only turns layers into engine calls and results into layers; the work runs in
-``thread_worker`` generators (:mod:`._jobs`), one at a time. Edits made while a job runs mark
-the boxes dirty and are segmented as soon as it finishes, so the latest state always wins.
+``thread_worker`` generators (:mod:`._jobs`, :mod:`._slide`), one at a time. Edits made while a
+job runs mark the boxes dirty and are segmented as soon as it finishes, so the latest state
+always wins. Slides (multiscale or very large 2D images) take the engine's chunked path: the
+segmentation is an OME-Zarr in the widget's session folder shown as a lazy multiscale layer,
+and an edit re-segments only the chunks it touches (:mod:`._slide`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, PushButton
-from napari.layers import Image, Shapes
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
+from napari.layers import Image, Labels, Shapes
 from napari.layers.base import ActionType
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from ._jobs import JobFailed, Progress, guarded, run_job, update_job
+from . import _slide
+from ._jobs import CANCELLED, JobFailed, Progress, guarded, run_job, update_job
 from ._layers import image_plane
-from ._session import Session
+from ._session import NO_BOXES, Session, SlideState
 from .engine import (
     DEFAULT_MODEL_NAME,
     Engine,
@@ -31,12 +37,18 @@ from .engine import (
     available_devices,
     bundled_model_path,
     load_model,
+    omezarr,
     resolve_device,
 )
+from .engine.boxio import write_boxes_csv
+from .engine.scale import plan_rough
+from .engine.slide import CHUNK
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
+PROGRESS_INTERVAL_S = 0.1
+PROGRESS_AFTER_S = 0.5  # napari's progress bar costs the UI thread ~0.1 s to make: only for long jobs
 
 
 class SegThenSegWidget(Container):
@@ -51,8 +63,16 @@ class SegThenSegWidget(Container):
         self._worker = None
         self._generation = 0
         self._dirty = False  # boxes edited since the last job snapshot
+        self._installing = False  # a slide's layers are being put in place, one per event-loop turn
         self._quiet = 0  # >0 while we change the boxes layer ourselves
         self._pbar = None
+        self._t0 = self._shown = 0.0
+        self._job = ""
+        self.last_seconds = 0.0  # wall time of the last finished job, start to layers shown
+        self.last_timings: dict[str, float] = {}  # its engine stages (seconds, summed over threads)
+        self._cancel: threading.Event | None = None
+        self._workdir = _slide.Workdir()  # slides' segmentations while they are being edited
+        self.slide_chunk = CHUNK  # output chunk side of a slide's segmentation (px)
 
         self.image = ComboBox(label="image", choices=self._layer_choices(Image))
         self.model = ComboBox(label="model", choices=self._model_choices, nullable=True)
@@ -62,15 +82,29 @@ class SegThenSegWidget(Container):
         self.boxes = ComboBox(label="boxes layer", choices=self._layer_choices(Shapes), nullable=True,
                               tooltip="Shapes layer whose rectangles are segmented (e.g. read from CSV)")
         self.device = ComboBox(label="device", choices=self._device_choices())
+        self.rough_scale = FloatSpinBox(
+            label="rough scale", value=0.0, min=0.0, max=4096.0, step=0.5,
+            tooltip="Image pixels per rough-net pixel. auto: the model's choice (the paper's whole-image "
+                    "pass for images like its training images, tiles at the trained scale for larger "
+                    "ones); a number: tiles at that scale. Takes effect at the next Run.")
+        self.rough_scale.native.setSpecialValueText("auto")
+        self.scale_info = Label(value="")
+        self.segmentation = ComboBox(
+            label="segmentation layer", choices=self._layer_choices(Labels), nullable=True, value=None,
+            tooltip="Slides: a saved OME-Zarr segmentation to continue with the boxes layer (edits "
+                    "then re-segment only what they touch); empty: segment the boxes anew")
         self.live = CheckBox(text="re-segment boxes when edited", value=True)
         self.run_button = PushButton(text="Run")
         self.segment_button = PushButton(text="Segment boxes", tooltip="Segment the boxes layer now "
                                          "(only new or changed boxes go through the fine net)")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.save_button = PushButton(text="Save segmentation + boxes…",
+                                      tooltip="NAME.ome.zarr (OME-Zarr label image) and NAME.boxes.csv")
         self.status = Label(label="", value="")
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
-            self.live, self.run_button, self.segment_button, self.cancel_button, self.status])
+            self.rough_scale, self.scale_info, self.segmentation, self.live, self.run_button,
+            self.segment_button, self.cancel_button, self.save_button, self.status])
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
@@ -81,6 +115,10 @@ class SegThenSegWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.segment_button.changed.connect(self.update_boxes)
+        self.save_button.changed.connect(self._ask_save)
+        self.image.changed.connect(self._show_scale)
+        self.rough_scale.changed.connect(self._show_scale)
+        self.segmentation.changed.connect(self._on_segmentation_chosen)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         if bundled_model_path().is_file():
             self.model.value = DEFAULT_MODEL_NAME  # the bundled model is used by default
@@ -88,6 +126,7 @@ class SegThenSegWidget(Container):
         else:
             self.model_info.value = "no model loaded"
             show_info("Segment-then-Segment: no default model is installed; use 'Load model file…'.")
+        self._show_scale()
 
     # -- choices -----------------------------------------------------------------------------
     def _layer_choices(self, kind: type):
@@ -142,17 +181,51 @@ class SegThenSegWidget(Container):
         session = self._session
         if session is not None and session.model_key != key:  # cached results belong to the old model
             session.cache, session.stats, session.model_key = {}, None, key
+            if session.slide is not None:  # every box of the store is the old model's
+                st = session.slide
+                st.pending = np.concatenate([st.pending, st.boxes])
         s = model.settings
         self.model_info.value = f"{model.describe()}\npad {s.pad} px, threshold {s.threshold}"
         self.model_info.tooltip = "\n".join(f"{k}: {v}" for k, v in s.notes.items()) or None
         if model.rough is None:
             self.mode.value = BY_HAND
         self.mode.enabled = model.rough is not None and model.fine is not None
+        self._show_scale()
+
+    # -- rough scale -------------------------------------------------------------------------
+    @property
+    def rough_scale_value(self) -> float | None:
+        """The user's rough scale (image px per rough px), or None for the model's choice."""
+        v = float(self.rough_scale.value)
+        return v if v > 0 else None
+
+    def _show_scale(self, _=None) -> None:
+        """Say what the rough net will see: the model's trained scale and the plan for the image."""
+        model, layer = self.current_model, self.image.value
+        if model is None:
+            self.scale_info.value = ""
+            return
+        s = model.settings
+        trained = s.trained_scale
+        text = (f"model trained at {trained.median:.3g} px per rough px "
+                f"({trained.low:.3g}-{trained.high:.3g})" if trained is not None else
+                "model records no trained scale")
+        if layer is not None:
+            shape = (layer.data[0] if layer.multiscale else layer.data).shape
+            hw = tuple(int(v) for v in (shape[-3:-1] if layer.rgb else shape[-2:]))
+            plan = plan_rough(hw, s.size, trained, self.rough_scale_value)
+            if plan.tiled:
+                rh, rw = plan.rough_hw(hw, s.size)
+                text += f"\nthis image: tiles at {plan.scale:g} px per rough px ({rw} x {rh} rough px)"
+            else:
+                text += (f"\nthis image: whole at {s.size} x {s.size} "
+                         f"({hw[1] / s.size:.3g} x {hw[0] / s.size:.3g} px per rough px)")
+        self.scale_info.value = text
 
     @property
     def busy(self) -> bool:
         """True while a job runs in the background or an edit waits to be segmented."""
-        return self._worker is not None or self._debounce.isActive()
+        return self._worker is not None or self._debounce.isActive() or self._installing
 
     @property
     def current_model(self) -> StSModel | None:
@@ -184,9 +257,14 @@ class SegThenSegWidget(Container):
             old.data = data
             return model, old
         session = Session(self.viewer, layer, plane, data, self._model_key)
+        if _slide.is_slide(layer, plane):
+            session.slide = SlideState()
         if old is not None and old.image_layer is layer:  # same image, other slice/model: reuse layers
             session.rough_layer, session.boxes_layer, session.seg_layer = (
                 old.rough_layer, old.boxes_layer, old.seg_layer)
+            if old.slide is not None and session.slide is not None:  # e.g. another model: all stale
+                session.slide = old.slide
+                old.slide.pending = np.concatenate([old.slide.pending, old.slide.boxes])
         self._adopt(session)
         return model, session
 
@@ -212,8 +290,12 @@ class SegThenSegWidget(Container):
                 return
             if session.boxes_layer is None and self.boxes.value is not None:
                 session.adopt_boxes_layer(self.boxes.value)
-            self._use_boxes_layer(session.ensure_boxes_layer())
-            session.ensure_seg_layer()
+            if session.slide is not None:  # an empty on-disk segmentation under the boxes
+                self._ensure_slide_store(session)
+                self._use_boxes_layer(session.ensure_boxes_layer(edge_width=2.0))
+            else:
+                self._use_boxes_layer(session.ensure_boxes_layer())
+                session.ensure_seg_layer()
             self.viewer.layers.selection.active = session.boxes_layer
             session.boxes_layer.mode = "add_rectangle"
             if len(session.boxes_layer.data):
@@ -222,7 +304,14 @@ class SegThenSegWidget(Container):
                 show_info("Draw rectangles on the boxes layer; each one is segmented when drawn.")
             return
         self._dirty = False
-        self._start("run", run_job, (self.make_engine, model, self.device.value, session.data),
+        if session.slide is not None:
+            store = self._workdir.new(session.image_layer.name)
+            args = (self.make_engine, model, self.device.value, session.data, store, self.rough_scale_value,
+                    session, self.slide_chunk)
+            self._start("run", _slide.slide_run_job, args, lambda res: self._on_slide_run_done(session, res))
+            return
+        self._start("run", run_job, (self.make_engine, model, self.device.value, session.data,
+                                     self.rough_scale_value),
                     lambda res: self._on_run_done(session, res))
 
     def update_boxes(self) -> None:
@@ -239,7 +328,7 @@ class SegThenSegWidget(Container):
             self._adopt(session)
         if session.boxes_layer not in self.viewer.layers or model is None:
             return
-        if self._worker is not None:  # the job's end picks this up
+        if self._worker is not None or self._installing:  # the job's end picks this up
             self._dirty = True
             return
         if model.fine is None:
@@ -252,9 +341,12 @@ class SegThenSegWidget(Container):
         if got.clipped or got.dropped:
             show_info(f"Boxes outside the image: {got.clipped} clipped, {got.dropped} ignored.")
         self._dirty = False
+        if session.slide is not None:
+            self._update_slide(session, model, got.boxes)
+            return
         session.ensure_seg_layer()
         args = (self.make_engine, model, self.device.value, session.data, got.boxes, dict(session.cache),
-                session.stats)
+                session.stats, self.rough_scale_value)
         self._start("update", update_job, args, lambda res: self._on_update_done(session, res))
 
     def cancel(self) -> None:
@@ -262,18 +354,22 @@ class SegThenSegWidget(Container):
         self._debounce.stop()
         if self._worker is not None:
             self._generation += 1
-            self._worker.quit()
+            if self._cancel is not None:
+                self._cancel.set()  # the job closes itself in its thread (and cleans up after itself)
             self._finish()
             self.status.value = "cancelled"
 
     # -- workers -----------------------------------------------------------------------------
     def _start(self, job: str, func, args: tuple, on_done) -> None:
+        self._t0 = time.perf_counter()
+        self._shown = 0.0
         self._generation += 1
         generation = self._generation
-        worker = create_worker(guarded, func, *args, _start_thread=False)
-        self._pbar = progress(total=0, desc=f"Segment-then-Segment: {job}")
+        self._cancel = threading.Event()
+        worker = create_worker(guarded, func, *args, cancel=self._cancel, _start_thread=False)
+        self._pbar, self._job = None, job  # the bar appears once a job runs longer than PROGRESS_AFTER_S
         worker.yielded.connect(lambda p: self._on_progress(p, generation))
-        worker.returned.connect(lambda res: self._if_current(
+        worker.returned.connect(lambda res: None if res is CANCELLED else self._if_current(
             generation, self._on_error if isinstance(res, JobFailed) else on_done, res))
         worker.errored.connect(lambda exc: self._if_current(generation, self._on_error, exc))
         worker.finished.connect(lambda: self._if_current(generation, self._on_finished))
@@ -287,10 +383,18 @@ class SegThenSegWidget(Container):
             func(*args)
 
     def _on_progress(self, p: Progress, generation: int) -> None:
-        pbar = self._pbar
-        if generation != self._generation or pbar is None:
+        if generation != self._generation or self._worker is None:
             return
+        now = time.perf_counter()  # a slide reports hundreds of steps: redraw at most 10 times a second
+        if p.done < p.total and now - self._shown < PROGRESS_INTERVAL_S:
+            return
+        self._shown = now
         self.status.value = p.step
+        if self._pbar is None:
+            if now - self._t0 < PROGRESS_AFTER_S:  # an edit's short job: the status line is enough
+                return
+            self._pbar = progress(total=0, desc=f"Segment-then-Segment: {self._job}")
+        pbar = self._pbar
         pbar.total = max(p.total, 1)
         pbar.n = min(p.done, p.total)
         pbar.set_description(p.step)
@@ -316,7 +420,8 @@ class SegThenSegWidget(Container):
 
     def _on_run_done(self, session: Session, res) -> None:
         session.cache, session.stats = {}, None
-        session.show_rough(res.rough.mask)
+        plan = res.rough.plan
+        session.show_rough(res.rough.mask, (plan.scale, plan.scale) if plan.tiled else None)
         session.ensure_seg_layer()  # made before the boxes, so the box edges are drawn on top
         edited = self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data)
         if edited:  # the user's boxes are newer than this run: keep them, segment them next
@@ -335,6 +440,185 @@ class SegThenSegWidget(Container):
         session.show_result(res)
         t = sum(res.timings.values())
         self.status.value = f"{len(res.boxes)} boxes, {len(res.refined)} re-segmented, {t:.2f} s"
+
+    # -- slides ------------------------------------------------------------------------------
+    def _ensure_slide_store(self, session: Session) -> None:
+        """An empty on-disk segmentation (and its layer) for boxes drawn on a slide."""
+        st = session.slide
+        if st.label is None:
+            st.label = omezarr.create(self._workdir.new(session.image_layer.name), session.plane.hw,
+                                      self.slide_chunk)
+            st.boxes, st.pending = NO_BOXES, NO_BOXES
+        if session.seg_layer is None or session.seg_layer not in self.viewer.layers:
+            session.show_slide_seg(st.label)
+
+    def _continue_from(self, session: Session) -> Path | None:
+        """The saved segmentation picked under *segmentation layer* (an OME-Zarr), if any."""
+        layer = self.segmentation.value
+        if layer is None or layer is session.seg_layer or layer not in self.viewer.layers:
+            return None
+        return _slide.store_of(layer)
+
+    def _update_slide(self, session: Session, model: StSModel, boxes: np.ndarray) -> None:
+        """Re-segment where the boxes changed since the store was last written (chunks they touch)."""
+        st = session.slide
+        if st.label is None:
+            source = self._continue_from(session)
+            if source is not None:
+                store = self._workdir.new(session.image_layer.name)
+                args = (self.make_engine, model, self.device.value, session.data, source, store, boxes,
+                        self.rough_scale_value)
+                self._start("continue", _slide.adopt_job, args,
+                            lambda res: self._on_adopt_done(session, res))
+                return
+            self._ensure_slide_store(session)
+        footprints = _slide.changed_footprints(st.boxes, boxes)
+        if len(st.pending):
+            footprints = np.unique(np.concatenate([footprints, st.pending]), axis=0)
+        if len(footprints) == 0:
+            self.status.value = f"{len(boxes)} boxes, nothing to re-segment"
+            return
+        st.pending = footprints  # until the job has written them (a cancelled job leaves them stale)
+        args = (self.make_engine, model, self.device.value, session.data, st.label, boxes, footprints,
+                session.stats, self.rough_scale_value)
+        self._start("update", _slide.slide_update_job, args,
+                    lambda res: self._on_slide_update_done(session, res))
+
+    def _on_slide_run_done(self, session: Session, res) -> None:
+        """Put the run's layers in place (all built in the worker; the seg levels are zarr arrays),
+        one per event-loop turn so that napari's insertions and first draws never add up to one
+        long stall of the UI."""
+        st = session.slide
+        old_store = st.label.path if st.label is not None else None
+        session.cache, session.stats = {}, res.stats
+        if res.label is None:
+            show_warning("This model has no fine network: the rough layer is its result on a slide.")
+        else:
+            st.label, st.boxes, st.pending = res.label, res.boxes, NO_BOXES
+        edited = self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data)
+        if edited:  # the user's boxes are newer than this run: keep them, segment them next
+            show_info("Boxes were edited during the run: your boxes were kept.")
+
+        def boxes_step() -> None:
+            if not edited:
+                if session.boxes_layer is not None:
+                    with contextlib.suppress(TypeError, ValueError):
+                        session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+                with self._quietly():
+                    session.install(boxes=res.layers.get("boxes"))
+            if old_store is not None and res.label is not None and old_store != res.label.path:
+                _slide.remove_later(old_store)
+            self._use_boxes_layer(session.boxes_layer)
+            self.viewer.layers.selection.active = session.boxes_layer  # ready to edit with napari's tools
+            self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
+            self.status.value = f"{len(res.boxes)} boxes, {self.last_seconds:.1f} s ({res.plan})"
+
+        self._in_turns([lambda: session.install(rough=res.layers.get("rough")),
+                        lambda: session.install(seg=res.layers.get("seg")), boxes_step])
+
+    def _in_turns(self, steps: list) -> None:
+        """Run ``steps`` one per event-loop turn (the widget stays busy until the last)."""
+        self._installing = True
+
+        def step(i: int) -> None:
+            try:
+                steps[i]()
+            finally:
+                if i + 1 < len(steps):
+                    QTimer.singleShot(0, lambda: step(i + 1))
+                else:
+                    self._installing = False
+                    if self._dirty and self.live.value and self._worker is None:
+                        self._debounce.start()
+
+        step(0)
+
+    def _on_slide_update_done(self, session: Session, res) -> None:
+        st = session.slide
+        st.boxes, st.pending = res.boxes, NO_BOXES
+        session.stats = res.stats
+        if session.seg_layer is not None and session.seg_layer in self.viewer.layers:
+            session.refresh_seg()
+        else:
+            session.show_slide_seg(st.label)
+        self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
+        self.status.value = (f"{len(res.boxes)} boxes, {len(res.regions)} region(s) re-segmented "
+                             f"({res.refined} boxes), {self.last_seconds:.2f} s")
+
+    def _on_adopt_done(self, session: Session, res) -> None:
+        """A saved segmentation continues: its copy in the session folder replaces the layer read."""
+        st = session.slide
+        chosen = self.segmentation.value
+        if chosen is not None and chosen in self.viewer.layers and chosen is not session.seg_layer:
+            if session.seg_layer is not None and session.seg_layer in self.viewer.layers:
+                self.viewer.layers.remove(session.seg_layer)
+            session.seg_layer = chosen  # replaced in place by the lazy layer of the copy
+        if st.label is not None:
+            _slide.remove_later(st.label.path)
+        st.label, st.boxes, st.pending = res.label, res.boxes, NO_BOXES
+        session.stats = res.stats
+        layer = session.show_slide_seg(res.label, replace=True)
+        with self.segmentation.changed.blocked():
+            self.segmentation.reset_choices()
+            self.segmentation.value = layer
+        self.last_seconds = self._elapsed()
+        self.status.value = f"continuing: {len(res.boxes)} boxes on {res.label.path.name}"
+
+    def _on_segmentation_chosen(self, layer) -> None:
+        """A saved segmentation picked for the current slide: continue from it with the boxes."""
+        session = self._session
+        if (layer is None or session is None or session.slide is None or layer is session.seg_layer
+                or session.boxes_layer is None or _slide.store_of(layer) is None):
+            return  # picked before the boxes: used when the boxes layer is picked
+        self.cancel()
+        if session.slide.label is not None:
+            _slide.remove_later(session.slide.label.path)
+        session.slide.label = None
+        self.update_boxes()
+
+    # -- saving ------------------------------------------------------------------------------
+    def _ask_save(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self.native, "Save the segmentation (OME-Zarr) and boxes (CSV)",
+                                              "", "OME-Zarr (*.ome.zarr)")
+        if path:
+            self.save(path)
+
+    def save(self, path: str | Path) -> tuple[Path, Path] | None:
+        """Write the segmentation as ``STEM.ome.zarr`` (what segthenseg-predict writes for slides)
+        and the boxes as ``STEM.boxes.csv``; reopen both with the image to continue."""
+        session = self._session
+        seg = session.seg_layer if session is not None else None
+        if seg is None or seg not in self.viewer.layers:
+            show_error("Segment-then-Segment: nothing to save yet (press Run first).")
+            return None
+        if self.busy:
+            show_error("Segment-then-Segment: a job is running; save when it has finished (or Cancel).")
+            return None
+        name = str(path)
+        for ext in (".ome.zarr", ".zarr", ".boxes.csv"):
+            if name.lower().endswith(ext):
+                name = name[: -len(ext)]
+                break
+        seg_path, boxes_path = Path(name + ".ome.zarr"), Path(name + ".boxes.csv")
+        st = session.slide
+        if st is not None and len(st.pending):
+            show_warning("Some box edits are not segmented yet (press 'Segment boxes'); saving as it is.")
+        try:
+            if st is not None:
+                _slide.save_label_image(seg_path, None, st.label.path)
+            else:
+                _slide.save_label_image(seg_path, np.asarray(seg.data).reshape(session.plane.hw))
+            write_boxes_csv(boxes_path, session.read_boxes().boxes)
+        except (OSError, ValueError) as exc:
+            show_error(f"Segment-then-Segment: cannot save: {exc}")
+            return None
+        show_info(f"Saved {seg_path.name} and {boxes_path.name}")
+        return seg_path, boxes_path
+
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0
 
     # -- boxes layer -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -387,6 +671,8 @@ class SegThenSegWidget(Container):
         if event.value is session.image_layer:
             self.cancel()
             self._session = None
+            if session.slide is not None and session.slide.label is not None:
+                _slide.remove_later(session.slide.label.path)
         elif event.value is session.boxes_layer:
             session.boxes_layer = None
 
