@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     h, w = widget._session.plane.hw
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     k = int(np.argmin(((centres - (h / 2, w / 2)) ** 2).sum(1)))
-    viewer.camera.center = tuple(np.asarray(image.data_to_world(tuple(centres[k]))))
-    viewer.camera.zoom = viewer.camera.zoom * 3
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    camera.center = tuple(np.asarray(image.data_to_world(tuple(centres[k]))))
+    camera.zoom = camera.zoom * 3
     shoot(viewer, widget, "plugin_zoom.png", args.out)
 
     # the user deletes that box, and draws a tighter one by hand around the object it held

@@ -26,7 +26,9 @@ import argparse
 import json
 import resource
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 TICK_MS = 20
+STACK_DEPTH = 9  # frames kept per stall sample
 
 
 class Meter:
@@ -48,10 +51,25 @@ class Meter:
         self._last: float | None = None
         self.context = None  # what the job was doing (logged with each stall over 0.25 s)
         self.log: list[tuple[str, float, str]] = []
+        self.samples: list[str] = []  # where the UI thread was during the current stall
         self.timer = QTimer()
         self.timer.setInterval(TICK_MS)
         self.timer.timeout.connect(self._tick)
         self.timer.start()
+        self._ui = threading.get_ident()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        """Sample the UI thread's stack every 0.1 s while no tick came for 0.25 s: says whose code
+        (ours, napari's, vispy's, Qt's) a stall is spent in."""
+        while True:
+            time.sleep(0.1)
+            last = self._last
+            if last is not None and time.perf_counter() - last > 0.25:
+                frame = sys._current_frames().get(self._ui)
+                stack = traceback.extract_stack(frame)[-STACK_DEPTH:] if frame is not None else []
+                self.samples.append(" < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:"
+                                               f"{f.lineno} {f.name}" for f in reversed(stack)))
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -59,7 +77,12 @@ class Meter:
             gap = now - self._last - TICK_MS / 1000
             self.gaps.append((self.phase, now, gap))
             if gap > 0.25 and self.context is not None:
-                self.log.append((self.phase, round(gap, 3), self.context()))
+                counts: dict[str, int] = {}
+                for sample in self.samples:
+                    counts[sample] = counts.get(sample, 0) + 1
+                where = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+                self.log.append((self.phase, round(gap, 3), self.context(), where))
+        self.samples = []
         self._last = now
 
     def wrap(self, owner: object, name: str, label: str | None = None) -> None:
@@ -132,6 +155,22 @@ class MouseEvent:
     handled: bool = False
 
 
+class Swappable:
+    """A proxy whose ``__wrapped__`` event napari replaces during a drag (as with its canvas events)."""
+
+    def __init__(self, event: MouseEvent) -> None:
+        object.__setattr__(self, "__wrapped__", event)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__wrapped__, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "__wrapped__":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__wrapped__, name, value)
+
+
 def mouse(layer, kind: str, world: tuple[float, float], dragging: bool = False) -> float:
     """One napari mouse event on ``layer`` at ``world``; returns the seconds napari took."""
     from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
@@ -139,7 +178,9 @@ def mouse(layer, kind: str, world: tuple[float, float], dragging: bool = False) 
     call = {"mouse_press": mouse_press_callbacks, "mouse_move": mouse_move_callbacks,
             "mouse_release": mouse_release_callbacks}[kind]
     t0 = time.perf_counter()
-    call(layer, MouseEvent(type=kind, is_dragging=dragging, position=tuple(world)))
+    # wrapped as napari wraps canvas events: a drag's generator keeps the press event, and napari swaps
+    # the event inside it for each move and for the release
+    call(layer, Swappable(MouseEvent(type=kind, is_dragging=dragging, position=tuple(world))))
     return time.perf_counter() - t0
 
 
@@ -252,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     k = int(np.argmin(((centres - np.median(centres, 0)) ** 2).sum(1)))
     cy, cx = centres[k]
-    viewer.camera.center = tuple(image.data_to_world((cy, cx)))
-    viewer.camera.zoom = 1.6
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
+    camera.center = tuple(image.data_to_world((cy, cx)))
+    camera.zoom = 1.6
     settle(1.5)
     viewer.screenshot(str(out / "slide_zoom.png"), canvas_only=False)
 
