@@ -119,7 +119,12 @@ def test_chunked_output_equals_the_in_memory_walk(slide_engine, canvas, tmp_path
     out = ChunkedOutput(image.levels[0], 256, tmp_path, threads=2)
     res = run(slide_engine.walk(canvas, output=out))
     assert np.array_equal(res.boxes, ref.boxes) and len(ref.boxes) > 20
-    assert np.array_equal(np.asarray(image.levels[0][:]) > 0, ref.mask)
+    # crops are cut from each chunk's region rather than the whole image, and grid_sample normalises
+    # coordinates by its input's size: sampling positions differ in the last float bits, which can flip
+    # a pixel sitting at the threshold (1 of 44,377 on the bundled fields' canvas). A seam would be
+    # hundreds along the chunk borders.
+    differ = int(((np.asarray(image.levels[0][:]) > 0) != ref.mask).sum())
+    assert differ <= max(2, int(ref.mask.sum()) // 10_000), differ
     assert res.counts["chunks"] < 15 and res.counts["chunk_boxes"] >= len(ref.boxes)
     omezarr.update_pyramid(image)
     lv1 = np.asarray(image.levels[1][:])
