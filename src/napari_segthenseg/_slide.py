@@ -36,7 +36,6 @@ from .engine.slide import CHUNK, ChunkedOutput, fine_by_chunks
 
 SLIDE_MIN_PIXELS = 4096 * 4096  # larger single-scale images take the slide path too
 ROUGH_LAYER_IN_MEMORY_PX = 32 * 2**20  # larger rough masks get an on-disk pyramid
-MIN_LEVEL_SIDE = 512  # pyramids stop when a level fits in this many pixels
 EMPTY = np.zeros((0, 4), dtype=np.int64)
 
 
@@ -137,22 +136,14 @@ def union_region(regions: list[tuple[int, int, int, int]]) -> tuple[int, int, in
 
 
 # -- rough mask pyramid ------------------------------------------------------------------------
-def _halve(a: np.ndarray) -> np.ndarray:
-    """2 x 2 max (odd edges padded with 0)."""
-    h, w = a.shape
-    if h % 2 or w % 2:
-        a = np.pad(a, ((0, h % 2), (0, w % 2)))
-    return a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).max(axis=(1, 3))
-
-
 def rough_pyramid(mask: object, store: Path | None = None) -> list:
-    """The rough mask as a uint8 pyramid (2x apart, down to ``MIN_LEVEL_SIDE``), largest first:
+    """The rough mask as a uint8 pyramid (2x apart, down to ``omezarr.MIN_LEVEL_SIDE``), largest first:
     NumPy when it fits in memory, else an OME-Zarr at ``store`` copied block by block."""
     hw = (int(mask.shape[0]), int(mask.shape[1]))
     if isinstance(mask, np.ndarray) or hw[0] * hw[1] <= ROUGH_LAYER_IN_MEMORY_PX or store is None:
         levels = [np.asarray(mask[...], dtype=np.uint8)]
-        while max(levels[-1].shape) > MIN_LEVEL_SIDE:
-            levels.append(_halve(levels[-1]))
+        while max(levels[-1].shape) > omezarr.MIN_LEVEL_SIDE:
+            levels.append(omezarr.max_pool2(levels[-1]))
         return levels
     image = omezarr.create(store, hw, 2048, name="rough")
     block = 4096

@@ -90,8 +90,8 @@ def open_label_image(path: str | os.PathLike, mode: str = "r") -> LabelImage:
     return LabelImage(path, levels)
 
 
-def _reduce(block: np.ndarray) -> np.ndarray:
-    """2 x 2 max of a block (odd edges padded with 0)."""
+def max_pool2(block: np.ndarray) -> np.ndarray:
+    """2 x 2 max of a block (odd edges padded with 0): one pyramid level from the one below."""
     h, w = block.shape
     if h % 2 or w % 2:
         block = np.pad(block, ((0, h % 2), (0, w % 2)))
@@ -110,7 +110,7 @@ def update_pyramid(image: LabelImage, region: tuple[int, int, int, int] | None =
             for bx in range(x0, x1, block):
                 ey, ex = min(by + block, y1), min(bx + block, x1)
                 src = np.asarray(prev[2 * by:min(2 * ey, prev.shape[0]), 2 * bx:min(2 * ex, prev.shape[1])])
-                out = _reduce(src)[:ey - by, :ex - bx]
+                out = max_pool2(src)[:ey - by, :ex - bx]
                 if out.any() or region is not None:  # an edit may have cleared this block
                     cur[by:ey, bx:ex] = out
 
