@@ -124,20 +124,12 @@ def napari_get_slide_reader(path: str | list[str]):
     return _read_slide
 
 
-def slide_stem(path: str) -> str:
-    name = Path(path).name
-    for ext in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
-
-
 def _read_slide(path: str) -> list[tuple]:
-    from .engine.reader import open_image
+    from .engine.reader import open_image, stem_of
 
     opened = open_image(path)  # ImageFileError (a stack, 2 channels, ...) says what is wrong
     levels = list(opened.levels)
-    meta: dict = {"name": slide_stem(path), "rgb": levels[0].ndim == 3,
+    meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == 3,
                   "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe()}}
     if len(levels) == 1:  # one huge level: strided views so that zooming out never reads it all
         base, f = levels[0], 2

@@ -37,7 +37,7 @@ from napari_segthenseg.engine.atomic import atomic_write
 from napari_segthenseg.engine.boxio import write_boxes_csv
 from napari_segthenseg.engine.image import ImageReadError
 from napari_segthenseg.engine.progress import Progress
-from napari_segthenseg.engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image
+from napari_segthenseg.engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from napari_segthenseg.engine.slide import CHUNK, ChunkedOutput
 
 from .evaluate import CliError, open_engine
@@ -190,15 +190,6 @@ def _relabel(image: omezarr.LabelImage, chunk: int) -> None:
         shutil.rmtree(image.path / str(k))
         (image.path / f"{k}.tmp").rename(image.path / str(k))
     image.levels[:] = omezarr.open_label_image(image.path, mode="r+").levels
-
-
-def stem_of(path: Path) -> str:
-    """The name outputs are named after (``slide.ome.tif`` -> ``slide``)."""
-    name = path.name
-    for ext in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
 
 
 # -- inputs ----------------------------------------------------------------------------------

@@ -84,6 +84,15 @@ def is_image_path(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def stem_of(path: str | os.PathLike) -> str:
+    """The name outputs and layers are named after (``slide.ome.tif`` -> ``slide``)."""
+    name = Path(path).name
+    for ext in (".ome.zarr", ".ome.tiff", ".ome.tif", ".zarr"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
 def is_ome_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in (".zattrs", "zarr.json", ".zgroup"))
 
