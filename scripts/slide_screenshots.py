@@ -195,21 +195,17 @@ def drag(layer, start: tuple[float, float], end: tuple[float, float]) -> tuple[f
     return t, time.perf_counter()
 
 
-def dice(store_level, gt_path: Path, block: int = 4096) -> float:
-    """Pooled DSC of the on-disk mask against a ground-truth TIFF, block by block."""
+def dice(store_level, gt_path: Path) -> float:
+    """Pooled DSC of the on-disk mask against a ground-truth TIFF, scored as bench_slide.py scores."""
     import tifffile
     import zarr
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_slide import dsc, score_blocks
+
     with tifffile.TiffFile(gt_path) as tif:
-        gt = zarr.open(tif.series[0].aszarr(), mode="r")
-        tp = fp = fn = 0
-        for y in range(0, store_level.shape[0], block):
-            p = np.asarray(store_level[y:y + block]) > 0
-            g = np.asarray(gt[y:y + block]) > 0
-            tp += int((p & g).sum())
-            fp += int((p & ~g).sum())
-            fn += int((~p & g).sum())
-    return 2 * tp / max(1, 2 * tp + fp + fn)
+        tot = score_blocks(store_level, zarr.open(tif.series[0].aszarr(), mode="r"))
+    return dsc(tot["tp"], tot["fp"], tot["fn"])
 
 
 def main(argv: list[str] | None = None) -> int:
