@@ -268,10 +268,14 @@ class SegThenSegWidget(Container):
         self._adopt(session)
         return model, session
 
-    def _adopt(self, session: Session) -> None:
-        if self._session is not None and self._session.boxes_layer is not None:
+    def _unwatch_boxes(self, session: Session | None) -> None:
+        """Stop listening to edits of ``session``'s boxes layer (if any, and if listened to)."""
+        if session is not None and session.boxes_layer is not None:
             with contextlib.suppress(TypeError, ValueError):
-                self._session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+                session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+
+    def _adopt(self, session: Session) -> None:
+        self._unwatch_boxes(self._session)
         self._session = session
         if session.boxes_layer is not None:
             session.boxes_layer.events.data.connect(self._on_boxes_edited)
@@ -501,9 +505,7 @@ class SegThenSegWidget(Container):
 
         def boxes_step() -> None:
             if not edited:
-                if session.boxes_layer is not None:
-                    with contextlib.suppress(TypeError, ValueError):
-                        session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+                self._unwatch_boxes(session)
                 with self._quietly():
                     session.install(boxes=res.layers.get("boxes"))
             if old_store is not None and res.label is not None and old_store != res.label.path:
@@ -644,9 +646,7 @@ class SegThenSegWidget(Container):
         if session is None:
             self.update_boxes()
             return
-        if session.boxes_layer is not None:
-            with contextlib.suppress(TypeError, ValueError):
-                session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+        self._unwatch_boxes(session)
         session.adopt_boxes_layer(layer)
         self._adopt(session)
         self.update_boxes()
@@ -665,9 +665,7 @@ class SegThenSegWidget(Container):
         if session is None:
             return
         if event.value is session.image_layer or event.value is session.boxes_layer:
-            if session.boxes_layer is not None:
-                with contextlib.suppress(TypeError, ValueError):
-                    session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+            self._unwatch_boxes(session)
         if event.value is session.image_layer:
             self.cancel()
             self._session = None
