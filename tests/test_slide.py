@@ -145,6 +145,17 @@ def test_pyramid_update_of_one_region(tmp_path):
     assert [lv.shape for lv in back.levels] == [lv.shape for lv in image.levels]
 
 
+def test_write_level0_copies_in_tiles_and_builds_the_pyramid(tmp_path):
+    data = np.zeros((1500, 1100), bool)
+    data[100:300, 200:260] = True
+    data[1400:1500, 1000:1100] = True
+    image = omezarr.create(tmp_path / "w.ome.zarr", data.shape, chunk=128)
+    omezarr.write_level0(image, data, block=512)
+    assert np.array_equal(np.asarray(image.levels[0][:]), data.astype(np.uint8))
+    assert np.array_equal(np.asarray(image.levels[1][:]), omezarr.max_pool2(data.astype(np.uint8)))
+    assert np.asarray(image.levels[2][:]).sum() == 50 * 15 + 25 * 25
+
+
 def test_boxes_by_chunk():
     boxes = np.array([[0, 0, 10, 10], [120, 120, 140, 140], [250, 0, 260, 300]])
     index = boxes_by_chunk(boxes, (300, 300), 128)

@@ -146,13 +146,7 @@ def rough_pyramid(mask: object, store: Path | None = None) -> list:
             levels.append(omezarr.max_pool2(levels[-1]))
         return levels
     image = omezarr.create(store, hw, 2048, name="rough")
-    block = 4096
-    for y in range(0, hw[0], block):
-        for x in range(0, hw[1], block):
-            part = np.asarray(mask[y:y + block, x:x + block], dtype=np.uint8)
-            if part.any():
-                image.levels[0][y:y + part.shape[0], x:x + part.shape[1]] = part
-    omezarr.update_pyramid(image)
+    omezarr.write_level0(image, mask)
     return list(image.levels)
 
 
@@ -304,11 +298,7 @@ def save_label_image(path: str | Path, data: object, store: str | Path | None = 
             dtype = np.dtype(np.uint8) if dtype.kind == "b" else dtype
             image = omezarr.create(partial, tuple(int(s) for s in base.shape), CHUNK, dtype=dtype.name,
                                    name=path.name.split(".")[0])
-            for y in range(0, base.shape[0], CHUNK):
-                block = np.asarray(base[y:y + CHUNK]).astype(dtype, copy=False)
-                if block.any():
-                    image.levels[0][y:y + block.shape[0]] = block
-            omezarr.update_pyramid(image)
+            omezarr.write_level0(image, base)
         return omezarr.finish(partial, path)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

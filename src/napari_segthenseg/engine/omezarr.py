@@ -115,6 +115,19 @@ def update_pyramid(image: LabelImage, region: tuple[int, int, int, int] | None =
                     cur[by:ey, bx:ex] = out
 
 
+def write_level0(image: LabelImage, data: object, block: int = 4096) -> None:
+    """Copy a 2D array (NumPy, dask, zarr...) into level 0 in ``block``-sized tiles, then build the
+    pyramid. All-zero tiles are not written (the fill value), so memory is one tile whatever the size."""
+    level0 = image.levels[0]
+    h, w = image.shape
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            part = np.asarray(data[y:y + block, x:x + block]).astype(level0.dtype, copy=False)
+            if part.any():
+                level0[y:y + part.shape[0], x:x + part.shape[1]] = part
+    update_pyramid(image)
+
+
 def finish(partial: Path, final: Path) -> Path:
     """Move a completed label image into place (replacing an older one)."""
     if final.exists():
