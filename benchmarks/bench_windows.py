@@ -32,7 +32,7 @@ from napari_segthenseg.engine.localnorm import (
     NEIGHBOURHOOD,
     LocalWindows,
 )
-from napari_segthenseg.engine.pipeline import run
+from napari_segthenseg.engine.progress import drive as run
 from napari_segthenseg.engine.reader import open_image
 from napari_segthenseg.engine.scale import RoughPlan
 

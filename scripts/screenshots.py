@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_segthenseg._widget import DEBOUNCE_MS
-from napari_segthenseg.demo import open_viewer, wait_idle
+from napari_segthenseg.plugin.demo import open_viewer, wait_idle
+from napari_segthenseg.plugin.widget import DEBOUNCE_MS
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "runs" / "screenshots"

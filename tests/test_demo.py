@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_model
-from napari_segthenseg.demo import build_parser
 from napari_segthenseg.engine import bundled_model_path, save_model
+from napari_segthenseg.plugin.demo import build_parser
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess:
     # pytest-xvfb has set DISPLAY for this process; the child uses the same virtual screen
-    return subprocess.run([sys.executable, "-m", "napari_segthenseg.demo", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "napari_segthenseg.plugin.demo", *args], capture_output=True,
                           text=True, timeout=240, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

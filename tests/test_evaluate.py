@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import copy_subset, make_tiny_model
+from napari_segthenseg.cli.evaluate import main
 from napari_segthenseg.engine import Engine, load_model, save_model
 from napari_segthenseg.engine import modelfile as modelfile_mod
 from trainer.data import read_image, read_mask
-from trainer.evaluate import main
 from trainer.metrics import METRICS, scores
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_segthenseg._io import read_boxes_csv, write_boxes_csv
-from napari_segthenseg._layers import Plane, boxes_to_rectangles, rectangles_to_boxes
+from napari_segthenseg.plugin.fileio import read_boxes_csv, write_boxes_csv
+from napari_segthenseg.plugin.layers import Plane, boxes_to_rectangles, rectangles_to_boxes
 
 BOXES = np.array([[0, 0, 10, 12], [5, 7, 40, 33], [100, 200, 164, 264]], dtype=np.int64)
 
@@ -75,13 +75,14 @@ def test_segmentation_saves_as_tif_with_napari(make_napari_viewer, tmp_path):
 
 
 def test_labels_from_mask_objects_and_large_images(monkeypatch):
-    import napari_segthenseg._layers as layers
+    import napari_segthenseg.plugin.layers as layers
 
     mask = np.zeros((20, 30), bool)
     mask[2:5, 2:5] = mask[10:15, 20:25] = True
-    mask[5, 5] = True  # touches the first object only diagonally: its own object (4-connectivity)
+    mask[5, 5] = True  # touches the first object diagonally: part of it (8-connectivity, as predict)
     lab = layers.labels_from_mask(mask)
-    assert lab.dtype == np.uint16 and lab.max() == 3 and np.array_equal(lab > 0, mask)
+    assert lab.dtype == np.uint16 and lab.max() == 2 and np.array_equal(lab > 0, mask)
+    assert lab[5, 5] == lab[4, 4]
     monkeypatch.setattr(layers, "LABEL_OBJECTS_MAX_PIXELS", 100)
     binary = layers.labels_from_mask(mask)
     assert binary.dtype == np.uint8 and binary.max() == 1 and np.array_equal(binary > 0, mask)
@@ -91,7 +92,7 @@ def _write_outputs(folder, labels_dtype=np.uint16):
     """What segthenseg-predict writes: a 0/1 uint8 mask, instance labels, and the boxes CSV."""
     import tifffile
 
-    from trainer.predict import write_mask
+    from napari_segthenseg.cli.predict import write_mask
 
     mask = np.zeros((40, 60), bool)
     mask[5:15, 10:30] = mask[20:30, 40:50] = True
@@ -107,7 +108,7 @@ def _write_outputs(folder, labels_dtype=np.uint16):
 def test_label_reader_takes_predict_outputs_and_refuses_images(tmp_path, dtype):
     import tifffile
 
-    from napari_segthenseg._io import napari_get_label_reader
+    from napari_segthenseg.plugin.fileio import napari_get_label_reader
 
     mask, labels = _write_outputs(tmp_path, dtype)
     [(data, meta, kind)] = napari_get_label_reader(str(tmp_path / "cells_mask.tif"))(

@@ -28,8 +28,8 @@ def test_napari_plugin_manager_finds_the_contributions():
     contrib = mf.contributions
     assert [w.display_name for w in contrib.widgets] == ["Segment-then-Segment"]
     assert [s.key for s in contrib.sample_data] == ["nuclei"]
-    from napari_segthenseg._io import LABEL_SUFFIXES
     from napari_segthenseg.engine.reader import TIFF_EXTENSIONS
+    from napari_segthenseg.plugin.fileio import LABEL_SUFFIXES
 
     assert [r.filename_patterns for r in contrib.readers] == [["*.boxes.csv"],
                                                               [f"*{s}" for s in LABEL_SUFFIXES],
@@ -46,7 +46,7 @@ def test_npe2_validate_passes():
 
 
 def test_widget_and_sample_open_through_the_manifest(make_napari_viewer):
-    from napari_segthenseg._widget import SegThenSegWidget
+    from napari_segthenseg.plugin.widget import SegThenSegWidget
 
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-segthenseg", "Segment-then-Segment")

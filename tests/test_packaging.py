@@ -57,7 +57,8 @@ def test_wheel_install_is_found_by_npe2(wheel, tmp_path):
 
 def test_engine_and_trainer_import_no_gui():
     """The engine and the trainer stay usable on headless servers: no napari or Qt import."""
-    code = ("import sys, napari_segthenseg.engine, trainer.train, trainer.evaluate, trainer.predict;"
+    code = ("import sys, napari_segthenseg.engine, trainer.train, napari_segthenseg.cli.evaluate,"
+            " napari_segthenseg.cli.predict;"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'napari', 'qtpy', 'PyQt6', 'PySide6', 'magicgui', 'vispy'}); print(bad)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -12,10 +12,10 @@ import pytest
 import tifffile
 
 from conftest import make_tiny_model
+from napari_segthenseg.cli import predict as predict_mod
+from napari_segthenseg.cli.predict import main
 from napari_segthenseg.engine import Engine, save_model
-from trainer import predict as predict_mod
 from trainer.data import read_image
-from trainer.predict import main
 
 
 @pytest.fixture(scope="module")

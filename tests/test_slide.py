@@ -11,7 +11,7 @@ import tifffile
 from conftest import make_tiny_model
 from napari_segthenseg.engine import Engine, ImageSource, omezarr
 from napari_segthenseg.engine.localnorm import LocalWindows
-from napari_segthenseg.engine.pipeline import run
+from napari_segthenseg.engine.progress import drive as run
 from napari_segthenseg.engine.reader import open_image
 from napari_segthenseg.engine.rough import RoughResult, lazy_component_boxes, rough_boxes, rough_pass
 from napari_segthenseg.engine.scale import RoughPlan, TrainedScale, plan_rough
@@ -187,3 +187,18 @@ def test_a_two_worker_dask_cluster_gives_the_same_result(tmp_path, canvas):
         workers = len(client.scheduler_info()["workers"])
     assert workers == 2 and res.counts["chunks"] > 1
     assert np.array_equal(np.asarray(local.levels[0][:]), np.asarray(cluster_out.levels[0][:]))
+
+
+def test_chunk_tasks_never_reuse_a_core_built_for_another_job():
+    """Cores are cached per thread and job; CPython reuses ``id()`` of freed objects, so a job made
+    after another is gone (another model) must still get its own core."""
+    from napari_segthenseg.engine.slide import ChunkJob, _core_for
+
+    first, second = make_tiny_model(size=32), make_tiny_model(size=32, seed=1)
+    src = ImageSource(np.zeros((64, 64), np.uint8))
+    job = ChunkJob(first, "cpu", src, None, None)
+    assert _core_for(job).model is first
+    old_id = id(job)
+    del job
+    other = ChunkJob(second, "cpu", src, None, None)  # usually takes the freed job's memory, and id
+    assert _core_for(other).model is second, f"reused id: {id(other) == old_id}"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import flip_middle
+from napari_segthenseg.engine import atomic as atomic_mod
 from napari_segthenseg.engine import load_model
 from napari_segthenseg.engine.scale import TrainedScale
-from trainer import checkpoint as checkpoint_mod
 from trainer import loop as loop_mod
 from trainer.checkpoint import CHECKPOINT_NAME, DAMAGED_NAME, PREVIOUS_NAME, read_checkpoint
 from trainer.config import DEFAULT_SEED, TrainConfig
@@ -175,7 +175,7 @@ def test_full_disk_stops_with_a_message_and_keeps_the_checkpoint(data, tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
         yield
 
-    monkeypatch.setattr(checkpoint_mod, "atomic_write", full)
+    monkeypatch.setattr(atomic_mod, "atomic_write", full)
     capsys.readouterr()
     assert main(rough(data, out, 3, "--resume")) == 1
     err = capsys.readouterr().err
@@ -185,6 +185,41 @@ def test_full_disk_stops_with_a_message_and_keeps_the_checkpoint(data, tmp_path,
     monkeypatch.undo()
     assert main(rough(data, out, 3, "--resume")) == 0
     assert read_metrics(out) == [("rough", 1), ("rough", 2), ("rough", 3)]
+
+
+def test_full_disk_while_the_model_file_is_written_keeps_the_old_one(data, tmp_path, capsys, monkeypatch):
+    """torch.save into a file turns ENOSPC into a RuntimeError; the model file is serialised in memory
+    first, so a full disk is one clear message and the previous model.pt stays as it was."""
+    out = tmp_path / "run"
+    assert main(rough(data, out, 1)) == 0
+    before = (out / "model.pt").read_bytes()
+    real = atomic_mod.atomic_write
+
+    class FullDisk:
+        """A file whose writes fail as on a full disk."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    @contextlib.contextmanager
+    def full_for_models(path, *args, **kwargs):
+        with real(path, *args, **kwargs) as fh:
+            yield FullDisk(fh) if Path(path).name == "model.pt" else fh
+
+    monkeypatch.setattr(atomic_mod, "atomic_write", full_for_models)
+    capsys.readouterr()
+    assert main(rough(data, out, 2, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "model.pt" in err and "the disk is full" in err and "Traceback" not in err
+    assert (out / "model.pt").read_bytes() == before
+    assert load_model(out / "model.pt") is not None
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_version_1_checkpoint_resumes_with_a_warning(data, tmp_path, capsys):

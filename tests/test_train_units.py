@@ -19,7 +19,7 @@ from trainer.checkpoint import (
     CheckpointError,
     check_compatible,
     find_resumable,
-    load_checkpoint,
+    holds_run,
     read_checkpoint,
     remove_temporary,
     save_checkpoint,
@@ -136,9 +136,9 @@ def test_losses():
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
-    assert load_checkpoint(tmp_path) is None
+    assert not holds_run(tmp_path)
     save_checkpoint(tmp_path, {"epoch": 3, "w": torch.ones(2), "rows": "[]"})
-    state = load_checkpoint(tmp_path)
+    state = read_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert state["epoch"] == 3 and torch.equal(state["w"], torch.ones(2)) and state["version"] == VERSION
     assert "sha256" in state
     assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
@@ -168,7 +168,7 @@ def test_damaged_checkpoints_are_refused_with_what_is_wrong(tmp_path, damage, me
         path.unlink()
         path.mkdir()
     with pytest.raises(CheckpointError, match=message) as info:
-        load_checkpoint(tmp_path)
+        read_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert "weights_only" not in str(info.value)  # never the advice to load it unsafely
 
 
@@ -200,7 +200,7 @@ def test_version_1_checkpoints_still_resume(tmp_path):
     assert found.version == 1 and found.state["epoch"] == 4
     torch.save({"format": FORMAT, "version": 99}, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(CheckpointError, match="version 99"):
-        load_checkpoint(tmp_path)
+        read_checkpoint(tmp_path / CHECKPOINT_NAME)
 
 
 def test_temporary_files_of_a_killed_run_are_removed(tmp_path):

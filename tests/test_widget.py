@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from napari_segthenseg._widget import BY_HAND, SegThenSegWidget
 from napari_segthenseg.engine import Engine, ImageSource, StSModel, compute_stats, save_model
+from napari_segthenseg.plugin.widget import BY_HAND, SegThenSegWidget
 
 S = 64
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
@@ -127,8 +127,7 @@ def _hue(colour: str) -> float:
 
 def test_rough_boxes_and_segmentation_colours_cannot_be_confused(ran):
     """Rough mask one blue, boxes yellow, segmentation objects never blue or yellow."""
-    from napari_segthenseg._layers import BOX_COLOUR
-    from napari_segthenseg._session import ROUGH_COLOUR, SEG_COLOURS
+    from napari_segthenseg.plugin.layers import BOX_COLOUR, ROUGH_COLOUR, SEG_COLOURS
 
     viewer = ran[0]
     rough, boxes, seg = (viewer.layers[f"cells {k}"] for k in ("rough", "boxes", "segmentation"))
@@ -336,7 +335,7 @@ def test_saved_boxes_reload_and_continue(ran, make_napari_viewer, qtbot, dsb_ima
 
 
 def test_default_model_is_selected_when_installed(make_napari_viewer, monkeypatch, model_file, dsb_image):
-    import napari_segthenseg._widget as widget_module
+    import napari_segthenseg.plugin.widget as widget_module
     from napari_segthenseg.engine import modelfile
 
     monkeypatch.setattr(modelfile, "bundled_model_path", lambda: model_file)
@@ -377,3 +376,23 @@ def test_switching_model_resegments_every_box(ran, qtbot, dsb_image, tmp_path):
     img, _ = dsb_image
     expected = Engine(other, "cpu").segment(img, boxes=boxes).mask
     np.testing.assert_array_equal(viewer.layers["cells segmentation"].data > 0, expected)
+
+
+def test_the_plugin_and_predict_count_the_same_objects(ran, dsb_image, model_file, tmp_path):
+    """One id per 8-connected object in both (the plugin once labelled with 4-connectivity and showed
+    25 nuclei where segthenseg-predict --labels wrote 24)."""
+    import imageio.v3 as iio
+    import tifffile
+
+    from napari_segthenseg.cli.predict import main
+
+    viewer = ran[0]
+    img, _ = dsb_image
+    iio.imwrite(tmp_path / "cells.png", img)
+    out = tmp_path / "out"
+    args = ["--model", str(model_file), "--device", "cpu", str(tmp_path / "cells.png"), "--out", str(out)]
+    assert main([*args, "--labels"]) == 0
+    written = tifffile.imread(out / "cells_labels.tif")
+    shown = np.asarray(viewer.layers["cells segmentation"].data)
+    assert written.max() >= 3
+    np.testing.assert_array_equal(shown, written)

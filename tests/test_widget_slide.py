@@ -10,12 +10,13 @@ import pytest
 import tifffile
 
 from conftest import BUNDLED_DSB
-from napari_segthenseg import _slide
-from napari_segthenseg._io import napari_get_slide_reader
-from napari_segthenseg._widget import SegThenSegWidget
-from napari_segthenseg.engine import Engine, ImageSource, omezarr
+from napari_segthenseg.engine import Engine, ImageSource, grid, omezarr
 from napari_segthenseg.engine import slide as engine_slide
-from napari_segthenseg.engine.pipeline import run
+from napari_segthenseg.engine.boxes import changed_boxes
+from napari_segthenseg.engine.progress import drive as run
+from napari_segthenseg.plugin.fileio import napari_get_slide_reader
+from napari_segthenseg.plugin.slide_session import is_slide
+from napari_segthenseg.plugin.widget import SegThenSegWidget
 
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 HW = (1024, 1280)
@@ -131,23 +132,23 @@ def assert_same_mask(actual: np.ndarray, expected: np.ndarray) -> None:
 def test_changed_footprints_and_their_regions():
     old = np.array([[0, 0, 10, 10], [300, 300, 340, 340], [5, 5, 9, 9], [5, 5, 9, 9]])
     new = np.array([[300, 300, 340, 340], [0, 0, 10, 10], [5, 5, 9, 9], [250, 500, 270, 530]])
-    fp = _slide.changed_footprints(old, new)  # one copy of a duplicate went, one box was drawn
+    fp = changed_boxes(old, new)  # one copy of a duplicate went, one box was drawn
     assert fp.tolist() == [[5, 5, 9, 9], [250, 500, 270, 530]]
-    assert _slide.changed_footprints(new, new).shape == (0, 4)
+    assert changed_boxes(new, new).shape == (0, 4)
     footprints = np.array([[250, 500, 270, 530], [5, 5, 9, 9], [0, 0, 3, 3]])
-    regions = _slide.regions_for(footprints, (600, 700), 256)
+    regions = grid.regions_for(footprints, (600, 700), 256)
     assert regions == [(0, 0, 9, 9), (250, 500, 256, 512), (250, 512, 256, 530), (256, 500, 270, 512),
                        (256, 512, 270, 530)]
-    assert _slide.boxes_touching(old, [(0, 0, 9, 9)]).tolist() == [0, 2, 3]
+    assert grid.boxes_touching(old, [(0, 0, 9, 9)]).tolist() == [0, 2, 3]
 
 
 def test_only_2d_multiscale_or_large_images_are_slides():
     from types import SimpleNamespace as NS
 
-    assert _slide.is_slide(NS(multiscale=True), NS(lead=(), hw=(600, 800)))
-    assert not _slide.is_slide(NS(multiscale=False), NS(lead=(), hw=(4096, 4096)))
-    assert _slide.is_slide(NS(multiscale=False), NS(lead=(), hw=(4097, 4096)))
-    assert not _slide.is_slide(NS(multiscale=True), NS(lead=(2,), hw=(20000, 20000)))  # a stack's slice
+    assert is_slide(NS(multiscale=True), NS(lead=(), hw=(600, 800)))
+    assert not is_slide(NS(multiscale=False), NS(lead=(), hw=(4096, 4096)))
+    assert is_slide(NS(multiscale=False), NS(lead=(), hw=(4097, 4096)))
+    assert not is_slide(NS(multiscale=True), NS(lead=(2,), hw=(20000, 20000)))  # a stack's slice
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -155,8 +156,8 @@ def test_reader_opens_slides_lazily_and_leaves_other_tiffs(make_napari_viewer, s
                                                             monkeypatch):
     import dask.array as da
 
-    from napari_segthenseg import _io
     from napari_segthenseg.engine import reader
+    from napari_segthenseg.plugin import fileio
 
     viewer = make_napari_viewer()
     [layer] = viewer.open(str(slide_path), plugin=PLUGIN)
@@ -171,7 +172,7 @@ def test_reader_opens_slides_lazily_and_leaves_other_tiffs(make_napari_viewer, s
     assert napari_get_slide_reader(str(tmp_path)) is None and napari_get_slide_reader([str(small)]) is None
     # one huge level (here: huge = over 1000 px): strided views make it multiscale, nothing decoded
     monkeypatch.setattr(reader, "LAZY_MIN_PIXELS", 1000)
-    monkeypatch.setattr(_io, "VIRTUAL_LEVEL_MAX_SIDE", 128)
+    monkeypatch.setattr(fileio, "VIRTUAL_LEVEL_MAX_SIDE", 128)
     big = tmp_path / "big.tif"
     tifffile.imwrite(big, np.arange(300 * 500, dtype=np.uint16).reshape(300, 500), tile=(64, 64))
     [(levels, meta, kind)] = napari_get_slide_reader(str(big))(str(big))
@@ -303,7 +304,7 @@ def test_cancelling_a_slide_run_leaves_nothing(make_napari_viewer, qtbot, slide_
 
 
 def test_boxes_by_hand_on_a_slide(make_napari_viewer, qtbot, slide_path, reference, chunk_calls):
-    from napari_segthenseg._widget import BY_HAND
+    from napari_segthenseg.plugin.widget import BY_HAND
 
     viewer, _, widget = _open(make_napari_viewer, slide_path)
     engine, src, _ = reference

@@ -1,1 +1,3 @@
-"""Headless training, evaluation and batch prediction for napari-segthenseg (no napari import)."""
+"""Headless training for napari-segthenseg (``segthenseg-train``; no napari import): data, augmentation,
+the training loops, checkpoints, losses and metrics. It reuses the engine's networks, box rules, image
+reading and normalisation."""

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from napari_segthenseg.engine.atomic import atomic_write
-from napari_segthenseg.engine.integrity import FileProblem, load_checked, seal
+from napari_segthenseg.engine.atomic import write_bytes
+from napari_segthenseg.engine.integrity import FileProblem, load_checked, save_sealed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
@@ -46,12 +44,6 @@ class WriteFailed(RuntimeError):
     """A file of the run could not be written (full disk, permissions); the message says what is kept."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
-    with atomic_write(path) as fh:
-        fh.write(data)
-
-
 def _keep_previous(path: Path, prev: Path) -> None:
     """Make ``prev`` a copy of ``path`` (hard link where the file system has them)."""
     tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
@@ -61,7 +53,7 @@ def _keep_previous(path: Path, prev: Path) -> None:
     except OSError as exc:
         if exc.errno in DISK_FULL:
             raise
-        atomic_write_bytes(prev, path.read_bytes())  # no hard links here (e.g. FAT, some network shares)
+        write_bytes(prev, path.read_bytes())  # no hard links here (e.g. FAT, some network shares)
         return
     os.replace(tmp, prev)
 
@@ -71,13 +63,10 @@ def save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
 
     The checkpoint it replaces becomes ``checkpoint.prev.pt``.
     """
-    buf = io.BytesIO()
-    torch.save(seal({"format": FORMAT, "version": VERSION, **state}), buf)
     path = Path(out) / CHECKPOINT_NAME
     if path.is_file():
         _keep_previous(path, Path(out) / PREVIOUS_NAME)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_sealed({"format": FORMAT, "version": VERSION, **state}, path)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -86,12 +75,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         return load_checked(path, WHAT, FORMAT, READABLE_VERSIONS, sealed_from=2)
     except FileProblem as exc:
         raise CheckpointError(str(exc)) from None
-
-
-def load_checkpoint(out: Path) -> dict[str, Any] | None:
-    """The last checkpoint in ``out`` (checked), or ``None`` if there is none."""
-    path = Path(out) / CHECKPOINT_NAME
-    return read_checkpoint(path) if path.exists() else None
 
 
 def holds_run(out: Path) -> bool:
@@ -186,7 +169,7 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(Path(path), buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def config_json(config: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from napari_segthenseg.engine import (
     load_model,
     save_model,
 )
-from napari_segthenseg.engine.atomic import atomic_write
+from napari_segthenseg.engine.atomic import write_bytes
 from napari_segthenseg.engine.scale import TrainedScale
 
 from . import distributed as ddp
@@ -209,8 +209,7 @@ class Run:
         text = json.dumps(self.plan.splits, indent=1) + "\n"
         path = self.out / SPLITS_NAME
         try:
-            with atomic_write(path) as fh:
-                fh.write(text.encode())
+            write_bytes(path, text.encode())
         except OSError as exc:
             raise self.write_error(exc, path) from None
 

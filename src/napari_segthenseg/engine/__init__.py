@@ -31,7 +31,8 @@ from .modelfile import (
     resolve_model_path,
     save_model,
 )
-from .pipeline import Engine, RoughResult, SegmentResult, segment
+from .pipeline import Engine, SegmentResult, segment
+from .rough import RoughResult
 from .unet import UNet, build_network, count_parameters
 
 __all__ = [

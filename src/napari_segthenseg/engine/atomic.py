@@ -36,3 +36,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as fh:
+        fh.write(data)
+    return Path(path)

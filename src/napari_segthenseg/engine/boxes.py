@@ -10,6 +10,10 @@ import numpy as np
 from scipy import ndimage
 
 MIN_BOX = 5  # components narrower or shorter than this (full-res px) are noise
+NO_BOXES = np.zeros((0, 4), dtype=np.int64)
+NO_BOXES.setflags(write=False)  # shared: never written to
+# Objects are 8-connected everywhere: boxes, instance labels in the plugin, predict and eval.
+CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 
 def default_pad(size: int) -> int:
@@ -42,11 +46,17 @@ def square_pad_shift(box: np.ndarray, hw: tuple[int, int], pad: int) -> np.ndarr
 
 def component_boxes(mask: np.ndarray) -> np.ndarray:
     """Bounding boxes (in ``mask`` pixels) of its 8-connected components, in label order."""
-    labels, n = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
+    labels, n = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
     out = np.zeros((n, 4), dtype=np.int64)
     for i, sl in enumerate(ndimage.find_objects(labels)):
         out[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
     return out
+
+
+def label_objects(mask: np.ndarray) -> np.ndarray:
+    """Instance labels: one id per 8-connected object, uint16 when the ids fit, else uint32."""
+    labels, n = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
+    return labels.astype(np.uint16 if n < 2**16 else np.uint32)
 
 
 def scale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
@@ -119,3 +129,26 @@ def crop_windows(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         out[:, axis] = start
     out[:, 2] = side
     return out
+
+
+def changed_boxes(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """The boxes whose count differs between ``old`` and ``new`` (moved, resized, deleted or
+    drawn), each once: where a segmentation fused from ``old`` must be fused again."""
+    old = np.asarray(old, dtype=np.int64).reshape(-1, 4)
+    new = np.asarray(new, dtype=np.int64).reshape(-1, 4)
+    both = np.concatenate([old, new])
+    if len(both) == 0:
+        return NO_BOXES
+    if both.min() >= 0 and both.max() < 2**16:  # one 64-bit key per box: a 1D sort (ms for 30,000 boxes)
+        keys = np.zeros(len(both), dtype=np.uint64)
+        for j in range(4):
+            keys |= both[:, j].astype(np.uint64) << np.uint64(48 - 16 * j)
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        rows = np.stack([(uniq >> np.uint64(48 - 16 * j)) & np.uint64(0xFFFF) for j in range(4)], 1)
+        rows = rows.astype(np.int64)
+    else:
+        rows, inverse = np.unique(both, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n_old = np.bincount(inverse[:len(old)], minlength=len(rows))
+    n_new = np.bincount(inverse[len(old):], minlength=len(rows))
+    return rows[n_old != n_new]

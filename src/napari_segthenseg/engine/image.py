@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .crops import resample_window
+
 MIN_SIDE = 5  # smaller images cannot hold an object under the 5 px box rule
 NORMALISATIONS = ("minmax", "dtype", "none")
 MAX_STRIDE_OVERSAMPLING = 8  # a strided read keeps at least this many samples per output pixel
@@ -153,8 +155,6 @@ class ImageSource:
         ry1, rx1 = max(min(int(np.ceil(ly1)), lh), ry0 + 1), max(min(int(np.ceil(lx1)), lw), rx0 + 1)
         t = self._to_tensor(self._read(k, (slice(ry0, ry1), slice(rx0, rx1))), device)
         # Sample the requested window out of the read block (border pixels repeat outside it).
-        from .crops import resample_window
-
         return resample_window(t, (ly0 - ry0, lx0 - rx0, ly1 - ry0, lx1 - rx0), out_hw)
 
     def read_region(self, y0: int, x0: int, y1: int, x1: int, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ giving wrong weights. The zip container PyTorch writes has no checksum of its ow
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_bytes
 
 DIGEST_KEY = "sha256"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -60,6 +63,15 @@ def digest(payload: dict[str, Any]) -> str:
 def seal(payload: dict[str, Any]) -> dict[str, Any]:
     """``payload`` with its digest added (what gets saved)."""
     return {**payload, DIGEST_KEY: digest(payload)}
+
+
+def save_sealed(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` with its digest, atomically. It is serialised in memory first, so that a
+    full disk surfaces as the ``OSError`` it is (``torch.save`` into a file wraps it in a
+    ``RuntimeError``) and the file it replaces stays as it was."""
+    buf = io.BytesIO()
+    torch.save(seal(payload), buf)
+    return write_bytes(path, buf.getbuffer())
 
 
 def verify(payload: dict[str, Any], path: str | os.PathLike, what: str) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .image import ImageSource
+from .image import ImageSource, NormStats
 from .progress import Progress
 
 SURVEY_BLOCK = 1024  # rough px per side read at once by the survey
@@ -107,6 +107,10 @@ class LocalWindows:
         """Whether every cell touching the rough-pixel region is flat."""
         c = self.cell
         return bool(self.flat[ry0 // c:math.ceil(ry1 / c), rx0 // c:math.ceil(rx1 / c)].all())
+
+
+# The intensity windows a pass uses: one per image (the paper), or local ones (slides).
+Windows = NormStats | LocalWindows
 
 
 def cell_side(window: int, scale: float) -> int:

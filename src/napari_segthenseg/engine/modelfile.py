@@ -24,12 +24,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import torch
-
-from .atomic import atomic_write
 from .boxes import MIN_BOX, default_pad
 from .image import NORMALISATIONS
-from .integrity import FileProblem, load_checked, seal
+from .integrity import FileProblem, load_checked, save_sealed
 from .scale import TrainedScale
 from .unet import UNet, build_network
 
@@ -118,18 +115,16 @@ def _net_payload(net: UNet | None, half: bool) -> dict | None:
 
 
 def save_model(model: StSModel, path: str | os.PathLike, half: bool = False) -> Path:
-    """Write ``model`` atomically (a temp file renamed into place); ``half`` stores fp16 weights."""
-    path = Path(path)
-    payload = seal({
+    """Write ``model`` atomically (a temp file renamed into place); ``half`` stores fp16 weights.
+
+    A full disk raises ``OSError`` and leaves an existing file at ``path`` as it was."""
+    return save_sealed({
         "format": FORMAT,
         "version": VERSION,
         "settings": model.settings.to_json(),
         "rough": _net_payload(model.rough, half),
         "fine": _net_payload(model.fine, half),
-    })
-    with atomic_write(path) as fh:
-        torch.save(payload, fh)
-    return path
+    }, path)
 
 
 def _read_net(entry: object, name: str) -> UNet | None:

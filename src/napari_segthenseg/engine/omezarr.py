@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .grid import CHUNK
+
 MIN_LEVEL_SIDE = 512  # the pyramid stops when a level fits in this many pixels
 NGFF_VERSION = "0.4"
 MASK_COLOUR = [255, 0, 255, 255]  # magenta: unlike the blues and yellows of the other layers
@@ -126,6 +128,33 @@ def write_level0(image: LabelImage, data: object, block: int = 4096) -> None:
             if part.any():
                 level0[y:y + part.shape[0], x:x + part.shape[1]] = part
     update_pyramid(image)
+
+
+def save_label_image(path: str | os.PathLike, data: object = None, store: str | os.PathLike | None = None
+                     ) -> Path:
+    """Write a segmentation as a label image at ``path``: a copy of the label image ``store``, or
+    ``data`` (a 2D array, or the largest level of a pyramid) written in tiles with its pyramid.
+    Written under a ``.partial`` name and renamed when complete; a failure leaves nothing."""
+    path = Path(path)
+    partial = partial_path(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if store is not None and Path(store).is_dir():
+            shutil.copytree(store, partial)
+        else:
+            base = data[0] if isinstance(data, (list, tuple)) else data  # a pyramid: its largest level
+            if base is None or len(base.shape) != 2:
+                shape = None if base is None else tuple(base.shape)
+                raise ValueError(f"a segmentation must be 2D to be saved as OME-Zarr, got {shape}")
+            dtype = np.dtype(base.dtype)
+            dtype = np.dtype(np.uint8) if dtype.kind == "b" else dtype
+            image = create(partial, tuple(int(s) for s in base.shape), CHUNK, dtype=dtype.name,
+                           name=path.name.split(".")[0])
+            write_level0(image, base)
+        return finish(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def finish(partial: Path, final: Path) -> Path:

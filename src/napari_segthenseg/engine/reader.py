@@ -28,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .limits import LARGE_IMAGE_PX
+
 PLAIN_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".qptiff")
 IMAGE_EXTENSIONS = PLAIN_EXTENSIONS + TIFF_EXTENSIONS
-LAZY_MIN_PIXELS = 4096 * 4096  # TIFFs with more pixels than this are read tile by tile
+LAZY_MIN_PIXELS = LARGE_IMAGE_PX  # TIFFs with more pixels than this are read tile by tile
 LEVEL_TOLERANCE = 0.02  # relative disagreement allowed between a level's y and x downsampling
 
 

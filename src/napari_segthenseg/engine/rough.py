@@ -12,26 +12,23 @@ falls in: with SciPy when the rough mask fits in memory, with dask-image when it
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .boxes import component_boxes, finalize_boxes, scale_boxes
-from .image import ImageSource, NormStats, compute_stats, match_channels
-from .localnorm import LocalWindows, survey
+from .boxes import CONNECTIVITY, component_boxes, finalize_boxes, scale_boxes
+from .core import Core
+from .grid import tiles
+from .image import ImageSource, compute_stats, match_channels
+from .limits import IN_MEMORY_MASK_PX
+from .localnorm import LocalWindows, Windows, survey
 from .memory import release_free_memory
-from .progress import Progress
+from .progress import Progress, Steps
 from .scale import RoughPlan
-
-if TYPE_CHECKING:
-    from .pipeline import Engine
 
 TILE = 512  # rough px of output per tile side
 MARGIN = 64  # rough px of context dropped on each side: tiles then match one pass (docs/WHOLE_SLIDES.md)
-IN_MEMORY_LABEL_PX = 32 * 2**20  # larger rough masks are labelled lazily (dask-image)
 
 
 @dataclass
@@ -40,61 +37,49 @@ class RoughResult:
 
     prob: np.ndarray | None  # float32; None when the rough mask lives on disk (slides)
     mask: object  # bool (S, S) or (H/scale, W/scale): NumPy, or an on-disk zarr array
-    stats: NormStats | LocalWindows  # intensity windows, reused for the crops
+    stats: Windows  # intensity windows, reused for the crops
     plan: RoughPlan
     tiles_run: int = 1
     tiles_skipped: int = 0
 
 
-def tile_grid(rough_hw: tuple[int, int], tile: int = TILE) -> list[tuple[int, int, int, int]]:
-    """Output tiles ``(y0, x0, y1, x1)`` covering the rough grid, row by row."""
-    rh, rw = rough_hw
-    return [(y, x, min(y + tile, rh), min(x + tile, rw))
-            for y in range(0, rh, tile) for x in range(0, rw, tile)]
-
-
-def global_stats(engine: Engine, src: ImageSource) -> NormStats:
-    """The paper's per-image window, from the S x S copy (ordinary images)."""
-    return compute_stats(engine.small(src), engine.settings.normalisation, src.dtype)
-
-
-def windows_for(engine: Engine, src: ImageSource, plan: RoughPlan
-                ) -> Generator[Progress, None, NormStats | LocalWindows]:
-    """Intensity windows for ``plan``: one per image, or local ones (tiled min-max)."""
-    s = engine.settings
+def windows_for(core: Core, src: ImageSource, plan: RoughPlan) -> Steps[Windows]:
+    """Intensity windows for ``plan``: the paper's one per image (from the S x S copy), or local
+    ones (tiled min-max)."""
+    s = core.settings
     if not plan.tiled:
-        return global_stats(engine, src)
+        return compute_stats(core.small(src), s.normalisation, src.dtype)
     if s.normalisation != "minmax":  # fixed windows (dtype range, none) mean the same everywhere
         return compute_stats(torch.zeros(1), s.normalisation, src.dtype)
-    return (yield from survey(src, plan.scale, plan.window, plan.rough_hw(src.hw, s.size), engine.device))
+    return (yield from survey(src, plan.scale, plan.window, plan.rough_hw(src.hw, s.size), core.device))
 
 
-def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: object | None = None
-               ) -> Generator[Progress, None, RoughResult]:
+def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object | None = None
+               ) -> Steps[RoughResult]:
     """Step 1 for ``plan``. ``mask_out`` (tiled only) receives the rough mask, e.g. an on-disk
     zarr array for a slide; by default it is kept in memory with the probabilities."""
-    s = engine.settings
+    s = core.settings
     if not plan.tiled:
         yield Progress("rough pass", 0, 1)
-        with engine.timed("rough_read"):
-            small = engine.small(src)
+        with core.timed("rough_read"):
+            small = core.small(src)
             stats = compute_stats(small, s.normalisation, src.dtype)
             x = stats.apply(small)[None]
-        with engine.timed("rough_net"):
-            prob = engine.forward(engine.rough_net, x)[0].cpu().numpy()
+        with core.timed("rough_net"):
+            prob = core.forward(core.rough_net, x)[0].cpu().numpy()
         return RoughResult(prob, prob >= s.threshold, stats, plan)
-    with engine.timed("survey"):
-        stats = yield from windows_for(engine, src, plan)
+    with core.timed("survey"):
+        stats = yield from windows_for(core, src, plan)
     rough_hw = plan.rough_hw(src.hw, s.size)
     prob_out = None
     if mask_out is None:
         mask_out = np.zeros(rough_hw, dtype=bool)
         prob_out = np.zeros(rough_hw, dtype=np.float32)
-    tiles = tile_grid(rough_hw, TILE)
+    grid = tiles(rough_hw, TILE)
     run = skipped = 0
-    step = 2 ** engine.rough_net.depth
-    for i, (y0, x0, y1, x1) in enumerate(tiles):
-        yield Progress(f"rough pass: tile {i + 1}/{len(tiles)}", i, len(tiles))
+    step = 2 ** core.rough_net.depth
+    for i, (y0, x0, y1, x1) in enumerate(grid):
+        yield Progress(f"rough pass: tile {i + 1}/{len(grid)}", i, len(grid))
         if isinstance(stats, LocalWindows) and stats.flat_region(y0, x0, y1, x1):
             skipped += 1
             continue
@@ -102,20 +87,20 @@ def rough_pass(engine: Engine, src: ImageSource, plan: RoughPlan, mask_out: obje
         ih = math.ceil((y1 - y0 + 2 * MARGIN) / step) * step
         iw = math.ceil((x1 - x0 + 2 * MARGIN) / step) * step
         ry0, rx0 = y0 - MARGIN, x0 - MARGIN
-        with engine.timed("rough_read"):
+        with core.timed("rough_read"):
             f = plan.scale
-            t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), engine.device)
+            t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), core.device)
             t = stats.apply_to_region(t, ry0, rx0) if isinstance(stats, LocalWindows) else stats.apply(t)
             x = match_channels(t, s.in_channels)[None]
-        with engine.timed("rough_net"):
-            p = engine.forward(engine.rough_net, x)[0, MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
+        with core.timed("rough_net"):
+            p = core.forward(core.rough_net, x)[0, MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
             p = p.cpu().numpy()
         mask_out[y0:y1, x0:x1] = p >= s.threshold
         if prob_out is not None:
             prob_out[y0:y1, x0:x1] = p
         run += 1
         release_free_memory()  # else the heap keeps every tile's peak (see .memory)
-    yield Progress("rough pass", len(tiles), len(tiles))
+    yield Progress("rough pass", len(grid), len(grid))
     return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
 
 
@@ -127,7 +112,7 @@ def rough_boxes(rough: RoughResult, hw: tuple[int, int], pad: int, min_box: int)
     tiled, a rough pixel is exactly ``scale`` image pixels.
     """
     mask = rough.mask
-    if isinstance(mask, np.ndarray) or int(np.prod(mask.shape)) <= IN_MEMORY_LABEL_PX:
+    if isinstance(mask, np.ndarray) or int(np.prod(mask.shape)) <= IN_MEMORY_MASK_PX:
         raw = component_boxes(np.asarray(mask[...]))
     else:
         raw = lazy_component_boxes(mask)
@@ -152,7 +137,7 @@ def lazy_component_boxes(mask: object, chunk: int = 2048) -> np.ndarray:
     from dask_image.ndmeasure import label
 
     arr = da.from_array(mask, chunks=chunk) if not isinstance(mask, da.Array) else mask
-    labels, n = label(arr > 0, structure=np.ones((3, 3), dtype=bool))
+    labels, n = label(arr > 0, structure=CONNECTIVITY)
     n = int(n)
     offsets = [np.cumsum((0,) + c) for c in labels.chunks]
     blocks = labels.to_delayed()

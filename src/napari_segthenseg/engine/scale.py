@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,9 +51,6 @@ class TrainedScale:
                    aspect=round(float((hw.max(1) / hw.min(1)).max()), 4),
                    window=int(round(float(np.median(np.sqrt(hw.prod(1)))))))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict) -> TrainedScale:
         return cls(float(data["median"]), float(data["low"]), float(data["high"]), float(data["aspect"]),
@@ -87,6 +84,17 @@ class RoughPlan:
         return f"tiled at {self.scale:g} image px per rough px"
 
 
+def check_rough_scale(value: float | None) -> float | None:
+    """A user's rough scale (image px per rough px) as a float, or None for the model's own;
+    ``ValueError`` when it cannot be one."""
+    if value is None:
+        return None
+    value = float(value)
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"rough scale must be positive, got {value:g}")
+    return value
+
+
 def plan_rough(hw: tuple[int, int], size: int, trained: TrainedScale | None,
                rough_scale: float | None = None, window: int | None = None) -> RoughPlan:
     """Choose the rough pass for an image of ``hw``.
@@ -95,12 +103,11 @@ def plan_rough(hw: tuple[int, int], size: int, trained: TrainedScale | None,
     trained range covers, or any image when the model records no scale (format 1 files), gets
     the whole-image pass; larger or more elongated images are tiled at the median trained scale.
     """
+    rough_scale = check_rough_scale(rough_scale)
     if rough_scale is not None:
-        if not rough_scale > 0:
-            raise ValueError(f"rough scale must be positive, got {rough_scale}")
         # Without a recorded window, one S x S rough input's extent: what the net saw at once.
         win = window or (trained.window if trained else round(size * rough_scale))
-        return RoughPlan(True, float(rough_scale), win)
+        return RoughPlan(True, rough_scale, win)
     if trained is None or trained.covers(hw, size):
         return RoughPlan(False)
     return RoughPlan(True, trained.median, window or trained.window)

@@ -1,5 +1,6 @@
 """Layer <-> engine conversions: which plane of an image to segment, where result layers go,
-and boxes as napari rectangles. Pure functions on arrays and public layer attributes, no Qt.
+boxes as napari rectangles, label images, and how the three result layers look. Pure functions
+on arrays and public layer attributes, no Qt (napari layers are made here, never added).
 
 Coordinates: napari centres data pixel ``j`` at ``j`` and lets it cover ``[j - 0.5, j + 0.5]``.
 An engine box ``(y0, x0, y1, x1)`` (half-open pixel indices) is therefore drawn as the
@@ -13,10 +14,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import clip_boxes
+from ..engine.boxes import clip_boxes, label_objects
+from ..engine.limits import LARGE_IMAGE_PX
 
 RECTANGLE = "rectangle"
-BOX_COLOUR = "#ffe600"  # yellow edges stand out on dark fluorescence, grey and H&E images
+# Three layers that must not be mistaken for one another at a glance: the rough mask is one blue
+# (a coarse blob map, not instances), the boxes are yellow (their edges stand out on dark
+# fluorescence, grey and H&E images), and the segmentation cycles through reds, oranges, pinks and
+# greens only, so that no nucleus is blue like the rough mask or yellow like a box edge.
+BOX_COLOUR = "#ffe600"
+ROUGH_COLOUR = "#3d8bff"
+ROUGH_OPACITY = 0.6
+SEG_COLOURS = ("#ff3b30", "#2ee65c", "#ff4fd8", "#ff9500", "#00c98d", "#ff6f91", "#7ee787", "#e0301e",
+               "#ffa36c", "#1fa84f", "#ff2e97")
+SEG_OPACITY = 0.7
+KIND = "segthenseg"  # metadata key marking the layers this plugin made
+STORE_KEY = "segthenseg_store"  # metadata key: the OME-Zarr folder behind a slide's segmentation
 
 
 @dataclass(frozen=True)
@@ -98,12 +111,10 @@ def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[ob
 
 def boxes_to_rectangles(boxes: np.ndarray, plane: Plane) -> list[np.ndarray]:
     """Engine boxes -> napari rectangles (4 corners each, in the plane's layer coordinates)."""
-    out = []
-    lead = np.zeros(len(plane.lead))
-    for y0, x0, y1, x1 in np.asarray(boxes, dtype=float).reshape(-1, 4) - 0.5:
-        corners = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
-        out.append(np.concatenate([np.tile(lead, (4, 1)), corners], axis=1))
-    return out
+    y0, x0, y1, x1 = (np.asarray(boxes, dtype=float).reshape(-1, 4) - 0.5).T
+    corners = np.stack([np.stack(c, 1) for c in ((y0, x0), (y0, x1), (y1, x1), (y1, x0))], 1)
+    lead = np.zeros((len(corners), 4, len(plane.lead)))
+    return list(np.concatenate([lead, corners], axis=2))
 
 
 def _bounds(shapes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -187,19 +198,69 @@ def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.n
     return out
 
 
-LABEL_OBJECTS_MAX_PIXELS = 4096 * 4096  # above this, labelling every edit costs seconds
+LABEL_OBJECTS_MAX_PIXELS = LARGE_IMAGE_PX  # above this, labelling every edit costs seconds
 
 
 def labels_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Fused bool mask -> label image (one label per connected object, 4-connectivity).
+    """Fused bool mask -> label image: one id per 8-connected object, as ``segthenseg-predict
+    --labels`` writes (:func:`~napari_segthenseg.engine.boxes.label_objects`).
 
     Larger images get a binary (0/1) label image: relabelling 8000 x 8000 px took about 2 s per
     edit on a 2-core CPU, while the mask itself is ready in a fraction of that.
     """
-    from skimage.measure import label
-
     mask = np.asarray(mask, dtype=bool)
     if mask.size > LABEL_OBJECTS_MAX_PIXELS:
         return mask.astype(np.uint8)
-    lab = label(mask, connectivity=1)
-    return lab.astype(np.uint32 if lab.max() > np.iinfo(np.uint16).max else np.uint16)
+    return label_objects(mask)
+
+
+# -- the result layers ---------------------------------------------------------------------------
+def rough_colormap():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: ROUGH_COLOUR})
+
+
+def seg_colormap():
+    """Label 0 transparent, labels 1, 2, ... cycling through SEG_COLOURS."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    return CyclicLabelColormap(colors=["transparent", *SEG_COLOURS], name="segthenseg segmentation")
+
+
+def rough_layer(data: object, name: str, plane: Plane, zoom: tuple[float, float]):
+    """The rough mask (an array, or a pyramid: a list of arrays) as a Labels layer over the image,
+    ``zoom`` image px per rough px."""
+    from napari.layers import Labels
+
+    multiscale = isinstance(data, list) and len(data) > 1
+    data = data if multiscale else (data[0] if isinstance(data, list) else data)
+    return Labels(data, multiscale=multiscale, name=name, opacity=ROUGH_OPACITY, colormap=rough_colormap(),
+                  metadata={KIND: "rough"}, **plane.layer_kwargs(zoom))
+
+
+def seg_layer(data: object, name: str, plane: Plane, store: str | None = None):
+    """The segmentation (an array, or the levels of a store: never dense at full resolution for a
+    slide) as a Labels layer over the image; ``store`` is the OME-Zarr folder behind it."""
+    from napari.layers import Labels
+
+    multiscale = isinstance(data, list) and len(data) > 1
+    data = data if multiscale else (data[0] if isinstance(data, list) else data)
+    meta = {KIND: "segmentation", **({STORE_KEY: str(store)} if store is not None else {})}
+    return Labels(data, multiscale=multiscale, name=name, opacity=SEG_OPACITY, colormap=seg_colormap(),
+                  metadata=meta, **plane.layer_kwargs())
+
+
+def boxes_layer(boxes: np.ndarray, name: str, plane: Plane, edge_width: float):
+    """An editable Shapes layer of ``boxes`` over the image (safe to build in a worker thread:
+    napari needs seconds for 15,000 rectangles, adding the built layer is quick)."""
+    from napari.layers import Shapes
+
+    rects = boxes_to_rectangles(boxes, plane) if len(boxes) else None
+    layer = Shapes(rects, ndim=plane.ndim, shape_type=RECTANGLE, edge_color=BOX_COLOUR,
+                   face_color="transparent", edge_width=edge_width, name=name, metadata={KIND: "boxes"},
+                   **plane.layer_kwargs())
+    layer.current_edge_color = BOX_COLOUR
+    layer.current_face_color = "transparent"
+    layer.current_edge_width = edge_width
+    return layer

@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from napari_segthenseg.engine import DEFAULT_MODEL_NAME, Engine, ModelFileError, StSModel, load_model
-
-from .config import DEFAULT_SEED
-from .data import (
+from trainer.config import DEFAULT_SEED
+from trainer.data import (
     SPLITS_NAME,
     DataError,
     Sample,
@@ -37,27 +35,15 @@ from .data import (
     load_stems,
     read_splits_file,
 )
-from .metrics import METRICS, format_table, scores, summarize
+from trainer.metrics import METRICS, format_table, scores, summarize
+
+from ..engine import DEFAULT_MODEL_NAME, Engine, StSModel
+from .common import CliError, open_engine
 
 METHODS = ("baseline", "sts")
 TITLES = {"baseline": "baseline", "sts": "StS"}
 BASELINE_STAGES = ("rough_read", "rough_net", "upsample")
 STS_STAGES = ("survey", "rough_read", "rough_net", "boxes", "crop", "fine_net", "to_host", "paste")
-
-
-class CliError(Exception):
-    """A problem the user can fix (bad model, data or device); printed without a traceback."""
-
-
-def open_engine(model: str, device: str) -> Engine:
-    """Load a model file (or ``default``) onto a device, turning every failure into :class:`CliError`."""
-    try:
-        return Engine(load_model(model), device=device)
-    except (ModelFileError, FileNotFoundError) as exc:
-        hint = " (no bundled model yet: pass a model file)" if model == "default" else ""
-        raise CliError(f"{exc}{hint}") from exc
-    except ValueError as exc:  # unknown or unavailable device
-        raise CliError(str(exc)) from exc
 
 
 def choose_split(data: Path, split: str | None) -> str | None:

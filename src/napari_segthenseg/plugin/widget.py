@@ -1,11 +1,11 @@
 """The "Segment-then-Segment" dock widget: pick image, model and device, Run, then edit boxes.
 
-The widget only turns layers into engine calls and results into layers; the work runs in
-``thread_worker`` generators (:mod:`._jobs`, :mod:`._slide`), one at a time. Edits made while a
-job runs mark the boxes dirty and are segmented as soon as it finishes, so the latest state
-always wins. Slides (multiscale or very large 2D images) take the engine's chunked path: the
-segmentation is an OME-Zarr in the widget's session folder shown as a lazy multiscale layer,
-and an edit re-segments only the chunks it touches (:mod:`._slide`).
+The widget builds the panel and routes events; what a Run or an edit means is the session's
+(:mod:`.session`: :class:`~.image_session.ImageSession` for ordinary images,
+:class:`~.slide_session.SlideSession` for slides). Each job runs in a ``thread_worker``, one at
+a time, with progress and Cancel; its result is put in place one step per event-loop turn.
+Edits made while a job runs mark the boxes dirty and are segmented as soon as it finishes, so
+the latest state always wins.
 """
 
 from __future__ import annotations
@@ -24,25 +24,24 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 
-from . import _slide
-from ._jobs import CANCELLED, JobFailed, Progress, guarded, run_job, update_job
-from ._layers import image_plane
-from ._session import NO_BOXES, Session, SlideState
-from .engine import (
+from ..engine import (
     DEFAULT_MODEL_NAME,
     Engine,
-    ImageSource,
     ModelFileError,
     StSModel,
     available_devices,
     bundled_model_path,
     load_model,
-    omezarr,
     resolve_device,
 )
-from .engine.boxio import write_boxes_csv
-from .engine.scale import plan_rough
-from .engine.slide import CHUNK
+from ..engine.grid import CHUNK
+from ..engine.image import ImageSource
+from ..engine.progress import Progress
+from ..engine.scale import plan_rough
+from .image_session import ImageSession
+from .layers import image_plane
+from .session import CANCELLED, EngineFactory, Job, JobFailed, Session, run_in_worker
+from .slide_session import SlideSession, Workdir, is_slide
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
@@ -63,15 +62,15 @@ class SegThenSegWidget(Container):
         self._worker = None
         self._generation = 0
         self._dirty = False  # boxes edited since the last job snapshot
-        self._installing = False  # a slide's layers are being put in place, one per event-loop turn
+        self._installing = False  # a job's result is being put in place, one step per event-loop turn
         self._quiet = 0  # >0 while we change the boxes layer ourselves
         self._pbar = None
         self._t0 = self._shown = 0.0
-        self._job = ""
+        self._job_name = ""
         self.last_seconds = 0.0  # wall time of the last finished job, start to layers shown
         self.last_timings: dict[str, float] = {}  # its engine stages (seconds, summed over threads)
         self._cancel: threading.Event | None = None
-        self._workdir = _slide.Workdir()  # slides' segmentations while they are being edited
+        self._workdir = Workdir()  # slides' segmentations while they are being edited
         self.slide_chunk = CHUNK  # output chunk side of a slide's segmentation (px)
 
         self.image = ComboBox(label="image", choices=self._layer_choices(Image))
@@ -178,12 +177,8 @@ class SegThenSegWidget(Container):
     def _select_model(self, key: str) -> None:
         model = self._models[key]
         self._model_key = key
-        session = self._session
-        if session is not None and session.model_key != key:  # cached results belong to the old model
-            session.cache, session.stats, session.model_key = {}, None, key
-            if session.slide is not None:  # every box of the store is the old model's
-                st = session.slide
-                st.pending = np.concatenate([st.pending, st.boxes])
+        if self._session is not None and self._session.model_key != key:
+            self._session.invalidate(key)  # results of the old model are stale
         s = model.settings
         self.model_info.value = f"{model.describe()}\npad {s.pad} px, threshold {s.threshold}"
         self.model_info.tooltip = "\n".join(f"{k}: {v}" for k, v in s.notes.items()) or None
@@ -231,7 +226,7 @@ class SegThenSegWidget(Container):
     def current_model(self) -> StSModel | None:
         return self._models.get(self._model_key) if self._model_key else None
 
-    # -- running -----------------------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------------------
     def _prepare(self) -> tuple[StSModel, Session] | None:
         """Check the inputs and return (model, session), or notify and return None."""
         model, layer = self.current_model, self.image.value
@@ -256,16 +251,15 @@ class SegThenSegWidget(Container):
         if old is not None and old.matches(layer, plane, self._model_key):
             old.data = data
             return model, old
-        session = Session(self.viewer, layer, plane, data, self._model_key)
-        if _slide.is_slide(layer, plane):
-            session.slide = SlideState()
+        args = (self.viewer, layer, plane, data, self._model_key)
+        session = (SlideSession(*args, workdir=self._workdir, chunk=self.slide_chunk)
+                   if is_slide(layer, plane) else ImageSession(*args))
         if old is not None and old.image_layer is layer:  # same image, other slice/model: reuse layers
-            session.rough_layer, session.boxes_layer, session.seg_layer = (
-                old.rough_layer, old.boxes_layer, old.seg_layer)
-            if old.slide is not None and session.slide is not None:  # e.g. another model: all stale
-                session.slide = old.slide
-                old.slide.pending = np.concatenate([old.slide.pending, old.slide.boxes])
+            session.take_over(old)
         self._adopt(session)
+        saved = self.segmentation.value
+        if saved is not None and saved in self.viewer.layers:  # picked before there was a session
+            session.continue_from(saved)
         return model, session
 
     def _unwatch_boxes(self, session: Session | None) -> None:
@@ -275,11 +269,26 @@ class SegThenSegWidget(Container):
                 session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
 
     def _adopt(self, session: Session) -> None:
+        """Make ``session`` the current one and listen to its boxes layer."""
         self._unwatch_boxes(self._session)
+        self._unwatch_boxes(session)
         self._session = session
         if session.boxes_layer is not None:
             session.boxes_layer.events.data.connect(self._on_boxes_edited)
 
+    def _engine_factory(self, model: StSModel) -> EngineFactory:
+        """Builds the job's engine (in the worker): the model on the chosen device and rough scale."""
+        device, scale = self.device.value, self.rough_scale_value
+
+        def make() -> Engine:
+            engine = self.make_engine(model, device)
+            if scale is not None:  # None keeps the factory's own
+                engine.rough_scale = scale
+            return engine
+
+        return make
+
+    # -- running -----------------------------------------------------------------------------
     def run(self) -> None:
         """Run: the full pipeline, or (boxes by hand / fine-only model) segment the drawn boxes."""
         prepared = self._prepare()
@@ -294,12 +303,9 @@ class SegThenSegWidget(Container):
                 return
             if session.boxes_layer is None and self.boxes.value is not None:
                 session.adopt_boxes_layer(self.boxes.value)
-            if session.slide is not None:  # an empty on-disk segmentation under the boxes
-                self._ensure_slide_store(session)
-                self._use_boxes_layer(session.ensure_boxes_layer(edge_width=2.0))
-            else:
-                self._use_boxes_layer(session.ensure_boxes_layer())
-                session.ensure_seg_layer()
+            with self._quietly():
+                session.by_hand()
+            self._use_boxes_layer(session.boxes_layer)
             self.viewer.layers.selection.active = session.boxes_layer
             session.boxes_layer.mode = "add_rectangle"
             if len(session.boxes_layer.data):
@@ -308,15 +314,7 @@ class SegThenSegWidget(Container):
                 show_info("Draw rectangles on the boxes layer; each one is segmented when drawn.")
             return
         self._dirty = False
-        if session.slide is not None:
-            store = self._workdir.new(session.image_layer.name)
-            args = (self.make_engine, model, self.device.value, session.data, store, self.rough_scale_value,
-                    session, self.slide_chunk)
-            self._start("run", _slide.slide_run_job, args, lambda res: self._on_slide_run_done(session, res))
-            return
-        self._start("run", run_job, (self.make_engine, model, self.device.value, session.data,
-                                     self.rough_scale_value),
-                    lambda res: self._on_run_done(session, res))
+        self._start(session, session.run_job(self._engine_factory(model)))
 
     def update_boxes(self) -> None:
         """Segment the current boxes: only new or changed ones go through the fine net."""
@@ -345,13 +343,12 @@ class SegThenSegWidget(Container):
         if got.clipped or got.dropped:
             show_info(f"Boxes outside the image: {got.clipped} clipped, {got.dropped} ignored.")
         self._dirty = False
-        if session.slide is not None:
-            self._update_slide(session, model, got.boxes)
+        with self._quietly():
+            job = session.update_job(self._engine_factory(model), got.boxes)
+        if job is None:
+            self.status.value = f"{len(got.boxes)} boxes, nothing to re-segment"
             return
-        session.ensure_seg_layer()
-        args = (self.make_engine, model, self.device.value, session.data, got.boxes, dict(session.cache),
-                session.stats, self.rough_scale_value)
-        self._start("update", update_job, args, lambda res: self._on_update_done(session, res))
+        self._start(session, job)
 
     def cancel(self) -> None:
         """Stop the running job at its next step (its result is discarded)."""
@@ -364,23 +361,30 @@ class SegThenSegWidget(Container):
             self.status.value = "cancelled"
 
     # -- workers -----------------------------------------------------------------------------
-    def _start(self, job: str, func, args: tuple, on_done) -> None:
+    def _start(self, session: Session, job: Job) -> None:
         self._t0 = time.perf_counter()
         self._shown = 0.0
         self._generation += 1
         generation = self._generation
         self._cancel = threading.Event()
-        worker = create_worker(guarded, func, *args, cancel=self._cancel, _start_thread=False)
-        self._pbar, self._job = None, job  # the bar appears once a job runs longer than PROGRESS_AFTER_S
+        worker = create_worker(run_in_worker, job, self._cancel, _start_thread=False)
+        self._pbar, self._job_name = None, job.name  # the bar appears after PROGRESS_AFTER_S
         worker.yielded.connect(lambda p: self._on_progress(p, generation))
-        worker.returned.connect(lambda res: None if res is CANCELLED else self._if_current(
-            generation, self._on_error if isinstance(res, JobFailed) else on_done, res))
+        worker.returned.connect(lambda res: self._on_returned(generation, session, job, res))
         worker.errored.connect(lambda exc: self._if_current(generation, self._on_error, exc))
         worker.finished.connect(lambda: self._if_current(generation, self._on_finished))
         self._worker = worker
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = f"{job}…"
+        self.status.value = f"{job.name}…"
         worker.start()
+
+    def _on_returned(self, generation: int, session: Session, job: Job, res) -> None:
+        if res is CANCELLED or generation != self._generation:
+            return
+        if isinstance(res, JobFailed):
+            self._on_error(res)
+        else:
+            self._on_done(session, job, res)
 
     def _if_current(self, generation: int, func, *args) -> None:
         if generation == self._generation:
@@ -397,7 +401,7 @@ class SegThenSegWidget(Container):
         if self._pbar is None:
             if now - self._t0 < PROGRESS_AFTER_S:  # an edit's short job: the status line is enough
                 return
-            self._pbar = progress(total=0, desc=f"Segment-then-Segment: {self._job}")
+            self._pbar = progress(total=0, desc=f"Segment-then-Segment: {self._job_name}")
         pbar = self._pbar
         pbar.total = max(p.total, 1)
         pbar.n = min(p.done, p.total)
@@ -412,7 +416,7 @@ class SegThenSegWidget(Container):
 
     def _on_finished(self) -> None:
         self._finish()
-        if self._dirty and self.live.value:
+        if self._dirty and self.live.value and not self._installing:
             self._debounce.start()
 
     def _on_error(self, exc: Exception | JobFailed) -> None:
@@ -422,101 +426,24 @@ class SegThenSegWidget(Container):
         show_error(f"Segment-then-Segment failed: {msg}")
         self.status.value = f"failed: {msg}"
 
-    def _on_run_done(self, session: Session, res) -> None:
-        session.cache, session.stats = {}, None
-        plan = res.rough.plan
-        session.show_rough(res.rough.mask, (plan.scale, plan.scale) if plan.tiled else None)
-        session.ensure_seg_layer()  # made before the boxes, so the box edges are drawn on top
-        edited = self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data)
-        if edited:  # the user's boxes are newer than this run: keep them, segment them next
-            show_info("Boxes were edited during the run: your boxes were kept.")
-            session.stats = res.stats
-        else:
-            with self._quietly():
-                session.set_boxes(res.boxes)
-            session.show_result(res)
-        self._use_boxes_layer(session.boxes_layer)
-        self.viewer.layers.selection.active = session.boxes_layer  # ready to edit with napari's tools
-        t = sum(res.timings.values())
-        self.status.value = f"{len(res.boxes)} boxes, {t:.2f} s"
+    def _on_done(self, session: Session, job: Job, res) -> None:
+        """Put the result in place, one step per event-loop turn (napari's insertions and first
+        draws of a slide's layers never add up to one long stall), then get ready for edits."""
+        edited = bool(self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data))
+        self._unwatch_boxes(session)  # our own changes to the boxes layer are not edits
 
-    def _on_update_done(self, session: Session, res) -> None:
-        session.show_result(res)
-        t = sum(res.timings.values())
-        self.status.value = f"{len(res.boxes)} boxes, {len(res.refined)} re-segmented, {t:.2f} s"
-
-    # -- slides ------------------------------------------------------------------------------
-    def _ensure_slide_store(self, session: Session) -> None:
-        """An empty on-disk segmentation (and its layer) for boxes drawn on a slide."""
-        st = session.slide
-        if st.label is None:
-            st.label = omezarr.create(self._workdir.new(session.image_layer.name), session.plane.hw,
-                                      self.slide_chunk)
-            st.boxes, st.pending = NO_BOXES, NO_BOXES
-        if session.seg_layer is None or session.seg_layer not in self.viewer.layers:
-            session.show_slide_seg(st.label)
-
-    def _continue_from(self, session: Session) -> Path | None:
-        """The saved segmentation picked under *segmentation layer* (an OME-Zarr), if any."""
-        layer = self.segmentation.value
-        if layer is None or layer is session.seg_layer or layer not in self.viewer.layers:
-            return None
-        return _slide.store_of(layer)
-
-    def _update_slide(self, session: Session, model: StSModel, boxes: np.ndarray) -> None:
-        """Re-segment where the boxes changed since the store was last written (chunks they touch)."""
-        st = session.slide
-        if st.label is None:
-            source = self._continue_from(session)
-            if source is not None:
-                store = self._workdir.new(session.image_layer.name)
-                args = (self.make_engine, model, self.device.value, session.data, source, store, boxes,
-                        self.rough_scale_value)
-                self._start("continue", _slide.adopt_job, args,
-                            lambda res: self._on_adopt_done(session, res))
-                return
-            self._ensure_slide_store(session)
-        footprints = _slide.changed_footprints(st.boxes, boxes)
-        if len(st.pending):
-            footprints = np.unique(np.concatenate([footprints, st.pending]), axis=0)
-        if len(footprints) == 0:
-            self.status.value = f"{len(boxes)} boxes, nothing to re-segment"
-            return
-        st.pending = footprints  # until the job has written them (a cancelled job leaves them stale)
-        args = (self.make_engine, model, self.device.value, session.data, st.label, boxes, footprints,
-                session.stats, self.rough_scale_value)
-        self._start("update", _slide.slide_update_job, args,
-                    lambda res: self._on_slide_update_done(session, res))
-
-    def _on_slide_run_done(self, session: Session, res) -> None:
-        """Put the run's layers in place (all built in the worker; the seg levels are zarr arrays),
-        one per event-loop turn so that napari's insertions and first draws never add up to one
-        long stall of the UI."""
-        st = session.slide
-        old_store = st.label.path if st.label is not None else None
-        session.cache, session.stats = {}, res.stats
-        if res.label is None:
-            show_warning("This model has no fine network: the rough layer is its result on a slide.")
-        else:
-            st.label, st.boxes, st.pending = res.label, res.boxes, NO_BOXES
-        edited = self._dirty and session.boxes_layer is not None and len(session.boxes_layer.data)
-        if edited:  # the user's boxes are newer than this run: keep them, segment them next
-            show_info("Boxes were edited during the run: your boxes were kept.")
-
-        def boxes_step() -> None:
-            if not edited:
-                self._unwatch_boxes(session)
-                with self._quietly():
-                    session.install(boxes=res.layers.get("boxes"))
-            if old_store is not None and res.label is not None and old_store != res.label.path:
-                _slide.remove_later(old_store)
+        def ready() -> None:
             self._use_boxes_layer(session.boxes_layer)
-            self.viewer.layers.selection.active = session.boxes_layer  # ready to edit with napari's tools
+            if session.boxes_layer is not None:
+                self.viewer.layers.selection.active = session.boxes_layer  # ready for napari's tools
+            if job.name == "continue":  # the saved segmentation's layer was replaced by its copy's
+                with self.segmentation.changed.blocked():
+                    self.segmentation.reset_choices()
+                    self.segmentation.value = session.seg_layer
             self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
-            self.status.value = f"{len(res.boxes)} boxes, {self.last_seconds:.1f} s ({res.plan})"
+            self.status.value = job.status(res, self.last_seconds)
 
-        self._in_turns([lambda: session.install(rough=res.layers.get("rough")),
-                        lambda: session.install(seg=res.layers.get("seg")), boxes_step])
+        self._in_turns([*job.show(res, edited), ready])
 
     def _in_turns(self, steps: list) -> None:
         """Run ``steps`` one per event-loop turn (the widget stays busy until the last)."""
@@ -524,7 +451,8 @@ class SegThenSegWidget(Container):
 
         def step(i: int) -> None:
             try:
-                steps[i]()
+                with self._quietly():
+                    steps[i]()
             finally:
                 if i + 1 < len(steps):
                     QTimer.singleShot(0, lambda: step(i + 1))
@@ -535,48 +463,14 @@ class SegThenSegWidget(Container):
 
         step(0)
 
-    def _on_slide_update_done(self, session: Session, res) -> None:
-        st = session.slide
-        st.boxes, st.pending = res.boxes, NO_BOXES
-        session.stats = res.stats
-        if session.seg_layer is not None and session.seg_layer in self.viewer.layers:
-            session.refresh_seg()
-        else:
-            session.show_slide_seg(st.label)
-        self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
-        self.status.value = (f"{len(res.boxes)} boxes, {len(res.regions)} region(s) re-segmented "
-                             f"({res.refined} boxes), {self.last_seconds:.2f} s")
-
-    def _on_adopt_done(self, session: Session, res) -> None:
-        """A saved segmentation continues: its copy in the session folder replaces the layer read."""
-        st = session.slide
-        chosen = self.segmentation.value
-        if chosen is not None and chosen in self.viewer.layers and chosen is not session.seg_layer:
-            if session.seg_layer is not None and session.seg_layer in self.viewer.layers:
-                self.viewer.layers.remove(session.seg_layer)
-            session.seg_layer = chosen  # replaced in place by the lazy layer of the copy
-        if st.label is not None:
-            _slide.remove_later(st.label.path)
-        st.label, st.boxes, st.pending = res.label, res.boxes, NO_BOXES
-        session.stats = res.stats
-        layer = session.show_slide_seg(res.label, replace=True)
-        with self.segmentation.changed.blocked():
-            self.segmentation.reset_choices()
-            self.segmentation.value = layer
-        self.last_seconds = self._elapsed()
-        self.status.value = f"continuing: {len(res.boxes)} boxes on {res.label.path.name}"
-
     def _on_segmentation_chosen(self, layer) -> None:
-        """A saved segmentation picked for the current slide: continue from it with the boxes."""
+        """A saved segmentation picked for the current image: continue from it with the boxes."""
         session = self._session
-        if (layer is None or session is None or session.slide is None or layer is session.seg_layer
-                or session.boxes_layer is None or _slide.store_of(layer) is None):
+        if layer is None or session is None or session.boxes_layer is None:
             return  # picked before the boxes: used when the boxes layer is picked
-        self.cancel()
-        if session.slide.label is not None:
-            _slide.remove_later(session.slide.label.path)
-        session.slide.label = None
-        self.update_boxes()
+        self.cancel()  # a job may be writing the segmentation that is about to be replaced
+        if session.continue_from(layer):
+            self.update_boxes()
 
     # -- saving ------------------------------------------------------------------------------
     def _ask_save(self) -> None:
@@ -591,8 +485,7 @@ class SegThenSegWidget(Container):
         """Write the segmentation as ``STEM.ome.zarr`` (what segthenseg-predict writes for slides)
         and the boxes as ``STEM.boxes.csv``; reopen both with the image to continue."""
         session = self._session
-        seg = session.seg_layer if session is not None else None
-        if seg is None or seg not in self.viewer.layers:
+        if session is None or not session.alive(session.seg_layer):
             show_error("Segment-then-Segment: nothing to save yet (press Run first).")
             return None
         if self.busy:
@@ -603,16 +496,10 @@ class SegThenSegWidget(Container):
             if name.lower().endswith(ext):
                 name = name[: -len(ext)]
                 break
-        seg_path, boxes_path = Path(name + ".ome.zarr"), Path(name + ".boxes.csv")
-        st = session.slide
-        if st is not None and len(st.pending):
+        if session.pending():
             show_warning("Some box edits are not segmented yet (press 'Segment boxes'); saving as it is.")
         try:
-            if st is not None:
-                _slide.save_label_image(seg_path, None, st.label.path)
-            else:
-                _slide.save_label_image(seg_path, np.asarray(seg.data).reshape(session.plane.hw))
-            write_boxes_csv(boxes_path, session.read_boxes().boxes)
+            seg_path, boxes_path = session.save(Path(name))
         except (OSError, ValueError) as exc:
             show_error(f"Segment-then-Segment: cannot save: {exc}")
             return None
@@ -669,8 +556,7 @@ class SegThenSegWidget(Container):
         if event.value is session.image_layer:
             self.cancel()
             self._session = None
-            if session.slide is not None and session.slide.label is not None:
-                _slide.remove_later(session.slide.label.path)
+            session.close()
         elif event.value is session.boxes_layer:
             session.boxes_layer = None
 

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import BOX_COLOUR, boxes_to_rectangles, snap_to_pixels
-from .engine.boxio import read_boxes_csv, write_boxes_csv
+from ..engine import reader
+from ..engine.boxio import read_boxes_csv, write_boxes_csv
+from ..engine.omezarr import save_label_image
+from ..engine.reader import TIFF_EXTENSIONS, open_image, stem_of
+from .layers import BOX_COLOUR, STORE_KEY, Plane, boxes_to_rectangles, snap_to_pixels
 
 __all__ = ["LABEL_SUFFIXES", "napari_get_label_reader", "napari_get_reader", "napari_get_slide_reader",
            "read_boxes_csv", "write_boxes", "write_boxes_csv", "write_labels_zarr"]
@@ -47,8 +50,6 @@ def napari_get_reader(path: str | list[str]):
 
 
 def _read_layer(path: str) -> list[tuple]:
-    from ._layers import Plane
-
     boxes = read_boxes_csv(path)
     plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(0, 0))
     name = Path(path).name[: -len(EXTENSION)]
@@ -105,8 +106,6 @@ def napari_get_slide_reader(path: str | list[str]):
     Decided from the TIFF structure alone (nothing decoded): several pyramid levels, or more than
     ``LAZY_MIN_PIXELS`` pixels. Anything else returns None (napari's own reader does small TIFFs).
     """
-    from .engine.reader import LAZY_MIN_PIXELS, TIFF_EXTENSIONS
-
     name = str(path).lower() if not isinstance(path, list) else ""
     if not name.endswith(TIFF_EXTENSIONS) or name.endswith(LABEL_SUFFIXES):
         return None
@@ -119,14 +118,12 @@ def napari_get_slide_reader(path: str | list[str]):
             pixels = int(np.prod([n for a, n in zip(series.axes, series.shape, strict=True) if a in "YX"]))
     except (OSError, ValueError, IndexError, KeyError, tifffile.TiffFileError):
         return None
-    if n_levels < 2 and pixels <= LAZY_MIN_PIXELS:
+    if n_levels < 2 and pixels <= reader.LAZY_MIN_PIXELS:
         return None
     return _read_slide
 
 
 def _read_slide(path: str) -> list[tuple]:
-    from .engine.reader import open_image, stem_of
-
     opened = open_image(path)  # ImageFileError (a stack, 2 channels, ...) says what is wrong
     levels = list(opened.levels)
     meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == 3,
@@ -155,7 +152,5 @@ def write_labels_zarr(path: str, data: object, meta: dict) -> list[str]:
     A slide's segmentation layer (backed by the plugin's session store) is copied as it is; any
     other 2D Labels layer is written block by block.
     """
-    from ._slide import STORE_KEY, save_label_image
-
     store = (meta.get("metadata") or {}).get(STORE_KEY)
     return [str(save_label_image(path, data, store))]

@@ -23,28 +23,26 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from napari_segthenseg.engine import DEFAULT_MODEL_NAME, Engine, ImageSource, bundled_model_path, omezarr
-from napari_segthenseg.engine.atomic import atomic_write
-from napari_segthenseg.engine.boxio import write_boxes_csv
-from napari_segthenseg.engine.image import ImageReadError
-from napari_segthenseg.engine.progress import Progress
-from napari_segthenseg.engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
-from napari_segthenseg.engine.slide import CHUNK, ChunkedOutput
+from ..engine import DEFAULT_MODEL_NAME, Engine, ImageSource, bundled_model_path, omezarr
+from ..engine.atomic import write_bytes
+from ..engine.boxes import CONNECTIVITY, label_objects
+from ..engine.boxio import write_boxes_csv
+from ..engine.image import ImageReadError
+from ..engine.limits import LARGE_IMAGE_PX
+from ..engine.progress import drive
+from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
+from ..engine.slide import CHUNK, ChunkedOutput
+from .common import CliError, StageBars, open_engine
 
-from .evaluate import CliError, open_engine
-
-LARGE_OUTPUT_PX = 8192 * 8192  # larger images are written as OME-Zarr, chunk by chunk
 FORMATS = ("auto", "tif", "ome-zarr")
-T = TypeVar("T")
 
 
 class DiskFull(Exception):
@@ -55,20 +53,11 @@ class DiskFull(Exception):
 def write_tif(array: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()  # tifffile wants a named file or a buffer, not a bare descriptor
     tifffile.imwrite(buf, array, compression="zlib", photometric="minisblack")
-    with atomic_write(path) as fh:
-        fh.write(buf.getvalue())
+    write_bytes(path, buf.getbuffer())
 
 
 def write_mask(mask: np.ndarray, path: Path) -> None:
     write_tif(np.asarray(mask, dtype=np.uint8), path)
-
-
-def instance_labels(mask: np.ndarray) -> np.ndarray:
-    """One id per 8-connected object, uint16 when the ids fit, else uint32."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    return labels.astype(np.uint16 if n < 2**16 else np.uint32)
 
 
 def output_paths(out: Path, stem: str, zarr_out: bool = False, labels: bool = False) -> tuple[Path, Path]:
@@ -90,30 +79,6 @@ def clean_leftovers(out: Path) -> int:
     return n
 
 
-# -- progress on the command line ------------------------------------------------------------
-def with_bars(steps: Generator[Progress, None, T], enabled: bool) -> T:
-    """Drive a step generator, one tqdm bar per stage (survey, rough tiles, fine chunks)."""
-    bar, stage = None, None
-    try:
-        while True:
-            try:
-                p = next(steps)
-            except StopIteration as stop:
-                return stop.value
-            name = p.step.split(":")[0]
-            if enabled and name != stage:
-                if bar is not None:
-                    bar.close()
-                bar, stage = tqdm(total=p.total, desc=name, unit="step", leave=False, file=sys.stderr), name
-            if bar is not None:
-                bar.total = p.total
-                bar.n = p.done
-                bar.refresh()
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 # -- one image -------------------------------------------------------------------------------
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
@@ -126,15 +91,16 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
     t0 = time.perf_counter()
     with open_image(path) as opened:
         src = ImageSource(opened.levels, name=str(path))
-        zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_OUTPUT_PX)
+        zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_IMAGE_PX)
         seg_path, boxes_path = output_paths(out, stem_of(path), zarr_out, labels)
         if src.height < engine.settings.size or src.width < engine.settings.size:
             tqdm.write(f"note: {path} ({src.height} x {src.width}) is smaller than the model's input size "
                        f"S={engine.settings.size}; it is upsampled", file=sys.stderr)
         if not zarr_out:
-            res = with_bars(engine.walk(src), bars)
+            with StageBars(bars) as show:
+                res = drive(engine.walk(src), show)
             if labels:
-                write_tif(instance_labels(res.mask), seg_path)
+                write_tif(label_objects(res.mask), seg_path)
             else:
                 write_mask(res.mask, seg_path)
         else:
@@ -160,7 +126,8 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
         scratch.mkdir(parents=True, exist_ok=True)
         output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads,
                                source_path=str(path.resolve()))
-        res = with_bars(engine.walk(src, output=output), bars)
+        with StageBars(bars) as show:
+            res = drive(engine.walk(src, output=output), show)
         if labels:
             _relabel(image, chunk)
         omezarr.update_pyramid(image)
@@ -180,7 +147,7 @@ def _relabel(image: omezarr.LabelImage, chunk: int) -> None:
     from dask_image.ndmeasure import label
 
     mask = da.from_zarr(image.levels[0])
-    ids, _ = label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+    ids, _ = label(mask > 0, structure=CONNECTIVITY)
     group = zarr.open_group(str(image.path), mode="r+")
     for k, lv in enumerate(image.levels):  # the mask's uint8 levels become uint32 ones
         group.create_array(f"{k}.tmp", shape=lv.shape, chunks=lv.chunks, dtype="uint32", fill_value=0,
@@ -252,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", action="store_true",
                    help="write instance labels (one id per object, uint16/uint32) instead of a 0/1 mask")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help=f"segmentation file type; auto: OME-Zarr above {LARGE_OUTPUT_PX // 2**20} Mpx, "
+                   help=f"segmentation file type; auto: OME-Zarr above {LARGE_IMAGE_PX // 2**20} Mpx, "
                         "else TIFF")
     p.add_argument("--chunk", type=int, default=CHUNK, help="OME-Zarr chunk side in px")
     p.add_argument("--report", type=Path, metavar="JSONL",
@@ -295,12 +262,10 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         raise CliError("no image files (png, jpg, tif, OME-TIFF, SVS, NDPI, OME-Zarr) in the inputs")
     check_unique_stems(files)
     engine = open_engine(args.model, args.device)
-    if args.rough_scale is not None:
+    try:
         engine.rough_scale = args.rough_scale
-        try:
-            engine.plan((64, 64))  # validates the scale
-        except ValueError as exc:
-            raise CliError(f"--rough-scale: {exc}") from exc
+    except ValueError as exc:
+        raise CliError(f"--rough-scale: {exc}") from exc
     if engine.model.rough is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
                        "use the napari plugin to draw boxes")

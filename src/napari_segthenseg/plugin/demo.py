@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .engine import DEFAULT_MODEL_NAME, bundled_model_path
+from ..engine import DEFAULT_MODEL_NAME, bundled_model_path
 
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 
@@ -37,7 +37,7 @@ def open_viewer(image: str | None, model: str, device: str = "auto"):
     """A shown napari viewer with the image and the docked widget; returns (viewer, widget)."""
     import napari
 
-    from ._sample_data import SAMPLE_NAME, load_sample_image
+    from .sample import SAMPLE_NAME, load_sample_image
 
     viewer = napari.Viewer(title="Segment-then-Segment demo")
     viewer.window.resize(1800, 1000)  # a landscape canvas beside the two docks
