@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from ..engine import DEFAULT_MODEL_NAME, Engine, ImageSource, bundled_model_path, omezarr
 from ..engine.atomic import write_bytes
-from ..engine.boxes import CONNECTIVITY, label_objects
+from ..engine.boxes import label_objects
 from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
+from ..engine.labels import LABEL_DTYPE, relabel_chunked
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
@@ -122,14 +123,15 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
     partial = omezarr.partial_path(seg_path)
     scratch = seg_path.with_name(f".{seg_path.name}.scratch")
     try:
-        image = omezarr.create(partial, src.hw, chunk, name=stem_of(path))
+        image = omezarr.create(partial, src.hw, chunk, dtype=LABEL_DTYPE.__name__ if labels else "uint8",
+                               name=stem_of(path))
         scratch.mkdir(parents=True, exist_ok=True)
         output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads,
                                source_path=str(path.resolve()))
         with StageBars(bars) as show:
             res = drive(engine.walk(src, output=output), show)
-        if labels:
-            _relabel(image, chunk)
+            if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
+                drive(relabel_chunked(image.levels[0], chunk), show)
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)
@@ -138,25 +140,6 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-
-
-def _relabel(image: omezarr.LabelImage, chunk: int) -> None:
-    """Turn the 0/1 mask of level 0 into one id per object (dask-image, chunk by chunk)."""
-    import dask.array as da
-    import zarr
-    from dask_image.ndmeasure import label
-
-    mask = da.from_zarr(image.levels[0])
-    ids, _ = label(mask > 0, structure=CONNECTIVITY)
-    group = zarr.open_group(str(image.path), mode="r+")
-    for k, lv in enumerate(image.levels):  # the mask's uint8 levels become uint32 ones
-        group.create_array(f"{k}.tmp", shape=lv.shape, chunks=lv.chunks, dtype="uint32", fill_value=0,
-                           chunk_key_encoding={"name": "v2", "separator": "/"})
-    da.store(ids.astype(np.uint32).rechunk(image.levels[0].chunks), group["0.tmp"], lock=False)
-    for k in range(len(image.levels)):
-        shutil.rmtree(image.path / str(k))
-        (image.path / f"{k}.tmp").rename(image.path / str(k))
-    image.levels[:] = omezarr.open_label_image(image.path, mode="r+").levels
 
 
 # -- inputs ----------------------------------------------------------------------------------
