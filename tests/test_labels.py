@@ -55,7 +55,7 @@ def test_an_edit_relabels_only_what_it_touches():
     edited[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.7  # split, join, remove and add objects
     store = labels.copy()
     store[y0:y1, x0:x1] = edited[y0:y1, x0:x1]  # what the chunked output writes: 0/1
-    next_id = relabel_region(store, region, int(labels.max()) + 1, margin=4)
+    next_id, _ = relabel_region(store, region, int(labels.max()) + 1, margin=4)
     assert same_objects(store, label_objects(edited))
     # objects away from the region keep their ids
     near = np.zeros(mask.shape, bool)

@@ -84,6 +84,17 @@ def _open(make_napari_viewer, slide_path, rough: float | None = SCALE, **image_k
     return viewer, layer, widget
 
 
+@pytest.fixture(autouse=True)
+def whole_slide_in_view(monkeypatch):
+    """A hidden test viewer draws its canvas at odd moments, so its view is set here: the whole
+    slide, unless a test says otherwise (``view[0]`` = a region in image px)."""
+    from napari_segthenseg.plugin import slide_session
+
+    view: list = [None]
+    monkeypatch.setattr(slide_session, "view_region", lambda layer, hw: view[0])
+    return view
+
+
 def _wait(qtbot, widget, timeout=120000):
     qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
 
@@ -369,3 +380,107 @@ def test_saved_segmentation_and_boxes_continue_in_a_new_viewer(ran, make_napari_
     assert_same_mask(np.asarray(label.levels[0][:]), run(engine.walk(src, boxes=after)).mask)
     untouched = np.asarray(omezarr.open_label_image(seg_path).levels[0][:])
     np.testing.assert_array_equal(untouched, saved)  # edits go to the session's copy only
+
+
+# -- slides at scale: the boxes layer shows the boxes near the view, undo, instance labels -----------
+def test_the_boxes_layer_holds_only_the_boxes_near_the_view(ran, qtbot, whole_slide_in_view, monkeypatch):
+    from napari_segthenseg.plugin import viewport
+
+    viewer, _, widget = ran
+    session = widget._session
+    layer = viewer.layers["canvas boxes"]
+    table = session.table
+    assert len(table) == len(layer.data) > 40  # the whole slide in view: every box
+    whole = {tuple(b) for b in table.all().tolist()}
+    whole_slide_in_view[0] = (300, 400, 500, 700)  # the camera moves in
+    widget.follow_view()
+    _wait(qtbot, widget)
+    region = viewport.grown((300, 400, 500, 700), viewport.VIEW_MARGIN, HW)
+    ids, near = table.in_region(region)
+    shown = {tuple(b) for b in widget._session.read_boxes().boxes.tolist()}
+    assert shown == {tuple(b) for b in near.tolist()} and 0 < len(shown) < len(whole)
+    assert sorted(layer.features["box_id"]) == sorted(ids.tolist())
+    np.testing.assert_array_equal(widget.current_boxes(), table.all())  # the table still has them all
+    # zoomed out with more boxes in view than the layer may hold: no rectangles, a hint instead
+    monkeypatch.setattr(viewport, "VIEW_BOXES", 10)
+    whole_slide_in_view[0] = None
+    widget.follow_view()
+    _wait(qtbot, widget)
+    assert len(layer.data) == 0 and "zoom in to edit" in widget.status.value
+    assert len(widget.current_boxes()) == len(whole)
+
+
+def test_an_edit_in_view_changes_the_table_and_undo_takes_it_back(ran, qtbot, reference, chunk_calls,
+                                                                   whole_slide_in_view):
+    viewer, _, widget = ran
+    engine, src, ref = reference
+    layer = viewer.layers["canvas boxes"]
+    original = widget.current_boxes().copy()
+    before = _level0(widget).copy()
+    whole_slide_in_view[0] = (0, 0, 512, 640)  # the top-left quarter
+    widget.follow_view()
+    _wait(qtbot, widget)
+    rows = list(layer.data)
+    ids = layer.features["box_id"].tolist()
+    k = len(rows) // 2
+    rows[k] = rows[k] + np.array([25.0, -15.0])
+    layer.data = rows
+    _wait(qtbot, widget)
+    moved = widget.current_boxes()
+    changed = np.flatnonzero((moved != original).any(1))
+    assert changed.tolist() == [ids[k]] and (moved[ids[k]] - original[ids[k]]).tolist() == [25, -15, 25, -15]
+    assert_same_mask(_level0(widget), run(engine.walk(src, boxes=moved)).mask)
+    chunk_calls.clear()
+    widget.undo()
+    _wait(qtbot, widget)
+    np.testing.assert_array_equal(widget.current_boxes(), original)
+    touched = _chunks_of(np.stack([original[ids[k]], moved[ids[k]]]))
+    assert {(r[0] // CHUNK, r[1] // CHUNK) for r, _ in chunk_calls} == touched
+    assert_same_mask(_level0(widget), before > 0)
+    shown = {tuple(b) for b in widget._session.read_boxes().boxes.tolist()}
+    assert tuple(original[ids[k]]) in shown and tuple(moved[ids[k]]) not in shown
+    widget.undo()  # nothing left to undo
+    assert not widget.busy and widget.status.value == "nothing to undo"
+
+
+def test_slide_labels_are_the_ids_predict_writes(ran, slide_path, tmp_path):
+    """One id per 8-connected object across chunk borders: exactly what segthenseg-predict --labels
+    writes for the same slide and chunks, at every level."""
+    from napari_segthenseg.cli.predict import main
+
+    _, _, widget = ran
+    label = widget._session.slide.label
+    shown = _level0(widget)
+    assert shown.dtype == np.uint32 and shown.max() > 40
+    args = ["--model", "default", "--device", "cpu", "--rough-scale", str(SCALE), "--chunk", str(CHUNK),
+            "--format", "ome-zarr"]
+    assert main([*args, "--labels", str(slide_path), "--out", str(tmp_path / "o")]) == 0
+    written = omezarr.open_label_image(tmp_path / "o" / "canvas_labels.ome.zarr")
+    for ours, theirs in zip(label.levels, written.levels, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours[:]), np.asarray(theirs[:]))
+
+
+def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napari_viewer, qtbot, slide_path,
+                                                                 tmp_path, monkeypatch):
+    from napari_segthenseg.plugin import fileio
+
+    _, _, widget = ran
+    seg_path, boxes_path = widget.save(tmp_path / "canvas.ome.zarr")
+    monkeypatch.setattr(fileio, "LAYER_BOXES_MAX", 10)  # this file counts as too large to draw whole
+    viewer2 = make_napari_viewer()
+    [image2] = viewer2.open(str(slide_path), plugin=PLUGIN)
+    [boxes2] = viewer2.open(str(boxes_path), plugin=PLUGIN)
+    assert len(boxes2.data) == 0 and boxes2.metadata["segthenseg_boxes_file"] == str(boxes_path)
+    [seg2] = viewer2.open(str(seg_path), plugin="napari-ome-zarr")
+    _, widget2 = viewer2.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    widget2.slide_chunk = CHUNK
+    widget2.rough_scale.value = SCALE
+    widget2.image.value = image2
+    widget2.segmentation.reset_choices()
+    widget2.segmentation.value = seg2
+    widget2.boxes.reset_choices()
+    widget2.boxes.value = boxes2
+    _wait(qtbot, widget2)
+    np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
+    assert len(boxes2.data) == len(widget.current_boxes())  # the whole slide is in view here
+    np.testing.assert_array_equal(_level0(widget2), _level0(widget))

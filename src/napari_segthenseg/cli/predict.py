@@ -131,7 +131,8 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
         with StageBars(bars) as show:
             res = drive(engine.walk(src, output=output), show)
             if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
-                drive(relabel_chunked(image.levels[0], chunk), show)
+                n = drive(relabel_chunked(image.levels[0], chunk), show)
+                omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)

@@ -96,14 +96,16 @@ def _grow(region: Region, by: int, hw: tuple[int, int]) -> Region:
     return max(0, y0 - by), max(0, x0 - by), min(hw[0], y1 + by), min(hw[1], x1 + by)
 
 
-def relabel_region(array: object, region: Region, next_id: int, margin: int = LOCAL_MARGIN) -> int:
+def relabel_region(array: object, region: Region, next_id: int, margin: int = LOCAL_MARGIN
+                   ) -> tuple[int, Region]:
     """Ids for the objects touching ``region`` after the mask changed there (its pixels 0/1, the
-    rest of ``array`` still the old ids). An object that continues outside the region keeps the id it
-    has there (the one with most pixels, if an edit joined several); one that does not, or a second
-    piece of a split object, gets ``next_id``, ``next_id + 1``, ... Returns the next free id.
+    rest of ``array`` still the old ids). Pixels outside the region keep their ids: an object that
+    continues outside keeps the id it has there (a split object's outside parts each keep theirs as
+    far as they differ, the largest first), objects joined by the edit take the id of their largest
+    outside part, and pieces with no outside part get ``next_id``, ``next_id + 1``, ...
 
     The window read grows until no object touching the region reaches its edge, so objects of any
-    size are handled whole.
+    size are handled whole. Returns the next free id and the window that was rewritten.
     """
     hw = (int(array.shape[0]), int(array.shape[1]))
     near = _grow(region, 1, hw)  # pixels next to the region are connected to it
@@ -112,8 +114,6 @@ def relabel_region(array: object, region: Region, next_id: int, margin: int = LO
         win = _grow(region, by, hw)
         old = np.asarray(array[win[0]:win[2], win[1]:win[3]]).astype(np.int64)
         lab, _ = ndimage.label(old > 0, structure=CONNECTIVITY)
-        inside = np.zeros(lab.shape, bool)  # the edited region, in window coordinates
-        inside[region[0] - win[0]:region[2] - win[0], region[1] - win[1]:region[3] - win[1]] = True
         touching = np.unique(lab[near[0] - win[0]:near[2] - win[0], near[1] - win[1]:near[3] - win[1]])
         touching = touching[touching > 0]
         edge = np.zeros(lab.shape, bool)
@@ -124,26 +124,35 @@ def relabel_region(array: object, region: Region, next_id: int, margin: int = LO
         if not np.isin(lab[edge], touching).any():
             break
         by *= 2
-    new = old.copy()
-    taken: set[int] = set()
-    # largest pieces choose first, so that the biggest part of a split object keeps its id
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, touching) if len(touching) else np.zeros(0)
-    for comp in touching[np.argsort(-sizes, kind="stable")]:
-        pix = lab == comp
-        outside_ids = old[pix & ~inside]
-        outside_ids = outside_ids[outside_ids > 0]
-        choice = None
-        if len(outside_ids):
-            ids, counts = np.unique(outside_ids, return_counts=True)
-            for k in np.argsort(-counts, kind="stable"):
-                if int(ids[k]) not in taken:
-                    choice = int(ids[k])
-                    break
-        if choice is None:
-            choice, next_id = next_id, next_id + 1
-        taken.add(choice)
-        new[pix] = choice
+    inside = np.zeros(lab.shape, bool)  # the edited region, in window coordinates
+    inside[region[0] - win[0]:region[2] - win[0], region[1] - win[1]:region[3] - win[1]] = True
+    # (pixel count, component, old id) of every old id's outside pixels in each touching component
+    out = np.isin(lab, touching) & ~inside & (old > 0)
+    pairs, counts = np.unique(np.stack([lab[out], old[out]], 1), axis=0, return_counts=True) \
+        if out.any() else (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
+    chosen: dict[int, int] = {}
+    used: set[int] = set()
+    for k in np.argsort(-counts, kind="stable"):
+        comp, old_id = int(pairs[k, 0]), int(pairs[k, 1])
+        if comp not in chosen and old_id not in used:
+            chosen[comp] = old_id
+            used.add(old_id)
+    lut = np.zeros(int(lab.max()) + 1, dtype=np.int64)
+    for comp in touching.tolist():
+        if comp not in chosen:
+            chosen[comp], next_id = next_id, next_id + 1
+        lut[comp] = chosen[comp]
+    new = np.where(np.isin(lab, touching), lut[lab], old)
     if not np.array_equal(new, old):
         array[win[0]:win[2], win[1]:win[3]] = new.astype(LABEL_DTYPE)
-    return next_id
+    return next_id, win
 
+
+def max_label(array: object, chunk: int) -> Steps[int]:
+    """The largest id in an on-disk label array, chunk by chunk."""
+    regions = tiles((int(array.shape[0]), int(array.shape[1])), chunk)
+    top = 0
+    for i, (y0, x0, y1, x1) in enumerate(regions):
+        yield Progress(f"reading object ids: {i}/{len(regions)} chunks", i, len(regions))
+        top = max(top, int(np.asarray(array[y0:y1, x0:x1]).max()))
+    return top

@@ -27,6 +27,7 @@ from .grid import CHUNK
 
 MIN_LEVEL_SIDE = 512  # the pyramid stops when a level fits in this many pixels
 NGFF_VERSION = "0.4"
+OUR_KEY = "segthenseg"  # our own entries in the group's attributes
 MASK_COLOUR = [255, 0, 255, 255]  # magenta: unlike the blues and yellows of the other layers
 
 
@@ -90,6 +91,22 @@ def open_label_image(path: str | os.PathLike, mode: str = "r") -> LabelImage:
     except Exception as exc:
         raise ValueError(f"{path}: not an OME-Zarr label image ({type(exc).__name__}: {exc})") from exc
     return LabelImage(path, levels)
+
+
+def next_label(image: LabelImage) -> int | None:
+    """The next free object id recorded with an instance label image (None: not recorded)."""
+    import zarr
+
+    value = zarr.open_group(str(image.path), mode="r").attrs.get(OUR_KEY, {}).get("next_label")
+    return None if value is None else int(value)
+
+
+def set_next_label(image: LabelImage, value: int) -> None:
+    """Record the next free object id (edits number new objects from it; saved with the image)."""
+    import zarr
+
+    group = zarr.open_group(str(image.path), mode="r+")
+    group.attrs[OUR_KEY] = {**group.attrs.get(OUR_KEY, {}), "next_label": int(value)}
 
 
 def max_pool2(block: np.ndarray) -> np.ndarray:

@@ -32,12 +32,21 @@ from ..engine import reader
 from ..engine.boxio import read_boxes_csv, write_boxes_csv
 from ..engine.omezarr import save_label_image
 from ..engine.reader import TIFF_EXTENSIONS, open_image, stem_of
-from .layers import BOX_COLOUR, STORE_KEY, Plane, boxes_to_rectangles, snap_to_pixels
+from .layers import (
+    BOX_COLOUR,
+    BOXES_FILE_KEY,
+    STORE_KEY,
+    VIEWPORT_KEY,
+    Plane,
+    boxes_to_rectangles,
+    snap_to_pixels,
+)
 
 __all__ = ["LABEL_SUFFIXES", "napari_get_label_reader", "napari_get_reader", "napari_get_slide_reader",
            "read_boxes_csv", "write_boxes", "write_boxes_csv", "write_labels_zarr"]
 
 EXTENSION = ".boxes.csv"
+LAYER_BOXES_MAX = 2000  # larger boxes files are not drawn whole (a slide's: see _read_layer)
 # the file names the Labels reader takes (napari.yaml lists the same as filename_patterns)
 LABEL_SUFFIXES = ("_mask.tif", "_mask.tiff", "_labels.tif", "_labels.tiff")
 
@@ -50,20 +59,31 @@ def napari_get_reader(path: str | list[str]):
 
 
 def _read_layer(path: str) -> list[tuple]:
+    """The boxes as rectangles; a file with more than ``LAYER_BOXES_MAX`` (a slide's) gives an empty
+    layer that names the file: picked as the boxes layer in the panel, all of them go into the slide's
+    box table and the layer shows those near the view (napari would need minutes for them all)."""
     boxes = read_boxes_csv(path)
     plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(0, 0))
     name = Path(path).name[: -len(EXTENSION)]
+    metadata = {"segthenseg": "boxes"}
+    if len(boxes) > LAYER_BOXES_MAX:
+        metadata.update({BOXES_FILE_KEY: str(path), "segthenseg_n_boxes": len(boxes)})
+        boxes = boxes[:0]
     meta = {"name": name, "shape_type": "rectangle", "edge_color": BOX_COLOUR, "face_color": "transparent",
-            "ndim": 2, "metadata": {"segthenseg": "boxes"}}
-    return [(boxes_to_rectangles(boxes, plane), meta, "shapes")]
+            "ndim": 2, "metadata": metadata}
+    return [(boxes_to_rectangles(boxes, plane) if len(boxes) else None, meta, "shapes")]
 
 
 def write_boxes(path: str, data: list, meta: dict) -> list[str]:
     """npe2 single-layer writer for Shapes: each shape's bounding box, snapped to pixels.
 
     Coordinates are the layer's own data coordinates (for the plugin's boxes layer: the image's
-    pixels); leading axes of a stack's boxes layer are dropped.
+    pixels); leading axes of a stack's boxes layer are dropped. A slide's boxes layer, which shows
+    only the boxes near the view, is refused: the panel's Save writes all of them.
     """
+    if (meta.get("metadata") or {}).get(VIEWPORT_KEY):
+        raise ValueError("this boxes layer shows only the boxes near the view of a slide; save all of them "
+                         "with 'Save segmentation + boxes…' in the Segment-then-Segment panel")
     return [str(write_boxes_csv(path, snap_to_pixels(list(data))))]
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import SegmentResult, omezarr
+from ..engine.boxes import NO_BOXES
 from ..engine.boxio import write_boxes_csv
 from ..engine.fine import InMemory, box_key
-from .layers import labels_from_mask, seg_layer
+from .layers import ShapeBoxes, labels_from_mask, seg_layer
 from .session import EngineFactory, Job, JobResult, Session, UiStep
+
+UNDO_STEPS = 100  # box edits that can be taken back
 
 
 class ImageSession(Session):
@@ -24,6 +27,8 @@ class ImageSession(Session):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.known: dict = {}  # fine-net result per box (by box_key) of the current boxes
+        self.boxes = NO_BOXES.copy()  # the boxes the segmentation was made from
+        self.history: list[np.ndarray] = []  # earlier box sets, for undo
 
     # -- jobs ------------------------------------------------------------------------------------
     def run_job(self, make_engine: EngineFactory) -> Job:
@@ -35,14 +40,26 @@ class ImageSession(Session):
 
         return Job("run", steps, self._show_run, lambda res, t: f"{len(res.boxes)} boxes, {t:.2f} s")
 
-    def update_job(self, make_engine: EngineFactory, boxes: np.ndarray) -> Job:
+    def update_job(self, make_engine: EngineFactory, got: ShapeBoxes) -> Job:
+        if not np.array_equal(got.boxes, self.boxes):
+            self.history = [*self.history, self.boxes][-UNDO_STEPS:]
+        return self._segment_job(make_engine, got.boxes)
+
+    def undo_job(self, make_engine: EngineFactory) -> Job | None:
+        if not self.history:
+            return None
+        boxes = self.history.pop()
+        self.set_boxes(boxes)
+        return self._segment_job(make_engine, boxes, "undo")
+
+    def _segment_job(self, make_engine: EngineFactory, boxes: np.ndarray, name: str = "update") -> Job:
         data, stats, known = self.data, self.stats, dict(self.known)
 
         def steps():
             res = yield from make_engine().walk(data, boxes, stats=stats, output=InMemory(known))
             return _result(res)
 
-        return Job("update", steps, self._show_update,
+        return Job(name, steps, self._show_update,
                    lambda res, t: f"{len(res.boxes)} boxes, {res.refined} re-segmented, {t:.2f} s")
 
     def by_hand(self) -> None:
@@ -72,7 +89,7 @@ class ImageSession(Session):
 
     def _show_run(self, res: JobResult, edited: bool) -> list[UiStep]:
         def show() -> None:
-            self.known, self.stats = {}, res.stats
+            self.known, self.stats, self.history = {}, res.stats, []
             plan = res.rough.plan
             self.show_rough(res.rough.mask, (plan.scale, plan.scale) if plan.tiled else None)
             self.ensure_seg_layer()  # made before the boxes, so the box edges are drawn on top
@@ -88,7 +105,7 @@ class ImageSession(Session):
 
     def _show_update(self, res: JobResult, edited: bool) -> list[UiStep]:
         def show() -> None:
-            self.known, self.stats = res.known, res.stats
+            self.known, self.stats, self.boxes = res.known, res.stats, res.boxes
             self.ensure_seg_layer().data = self.plane.expand(res.labels)
 
         return [show]

@@ -30,6 +30,8 @@ SEG_COLOURS = ("#ff3b30", "#2ee65c", "#ff4fd8", "#ff9500", "#00c98d", "#ff6f91",
 SEG_OPACITY = 0.7
 KIND = "segthenseg"  # metadata key marking the layers this plugin made
 STORE_KEY = "segthenseg_store"  # metadata key: the OME-Zarr folder behind a slide's segmentation
+BOXES_FILE_KEY = "segthenseg_boxes_file"  # metadata key: a boxes file too large to draw whole
+VIEWPORT_KEY = "segthenseg_viewport"  # metadata key: a boxes layer showing only the boxes near the view
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class ShapeBoxes:
     """Boxes read from a Shapes layer, with what had to be adjusted (for the user's notice)."""
 
     boxes: np.ndarray  # (N, 4) int64 inside the image, one per usable shape
+    rows: np.ndarray | None = None  # which shape of the layer each box came from
     not_rectangles: int = 0  # shapes that are not axis-aligned rectangles (bounding box used)
     clipped: int = 0  # boxes that reached outside the image
     dropped: int = 0  # boxes entirely outside the image (or empty)
@@ -167,8 +170,11 @@ def rectangles_to_boxes(shapes: list[np.ndarray], shape_types: list[str], hw: tu
     odd = int(np.sum((np.asarray(shape_types, dtype=object) != RECTANGLE) | ~aligned)) if len(shapes) else 0
     inside = (raw[:, 0] >= 0) & (raw[:, 1] >= 0) & (raw[:, 2] <= hw[0]) & (raw[:, 3] <= hw[1])
     boxes = clip_boxes(raw, hw)
+    limits = np.array([hw[0], hw[1], hw[0], hw[1]])
+    kept = np.clip(raw, 0, limits)
+    rows = np.flatnonzero((kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1]))  # those clip_boxes keeps
     dropped = len(raw) - len(boxes)
-    return ShapeBoxes(boxes, odd, int((~inside).sum()) - dropped, dropped)
+    return ShapeBoxes(boxes, rows, odd, int((~inside).sum()) - dropped, dropped)
 
 
 def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from ..engine import Engine, RoughResult
 from ..engine.boxes import NO_BOXES
 from ..engine.fine import Box
 from ..engine.localnorm import Windows
-from ..engine.progress import Cancelled, Steps, guard
+from ..engine.progress import Cancelled, Progress, Steps, guard
 from .layers import (
     BOX_COLOUR,
     KIND,
@@ -57,6 +57,8 @@ class JobResult:
     refined: int = 0  # boxes that went through the fine net
     timings: dict[str, float] = field(default_factory=dict)  # engine stages (s, summed over threads)
     plan: str = ""  # how the rough net saw the image
+    table: object = None  # slides: every box, with ids (a new run's or a continued result's)
+    next_label: int = 0  # slides: the next free object id of the store
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,17 @@ class Job:
     ``steps`` builds the work (a step generator; no Qt in it). ``show(result, edited)`` returns the
     UI-thread steps that put the result in place, run one per event-loop turn; ``edited`` says
     that the user changed the boxes while the job ran (their boxes are kept). ``status(result,
-    seconds)`` is the line the panel shows afterwards.
+    seconds)`` is the line the panel shows afterwards. ``on_progress`` sees each step on the UI
+    thread while the job runs (e.g. to show a slide's chunks as they are written); ``on_abort`` puts
+    things back when the job is cancelled or fails.
     """
 
     name: str
     steps: Callable[[], Steps[JobResult]]
     show: Callable[[JobResult, bool], list[UiStep]]
     status: Callable[[JobResult, float], str]
+    on_progress: Callable[[Progress], None] | None = None
+    on_abort: UiStep | None = None
 
 
 def run_in_worker(job: Job, cancel: threading.Event) -> Steps[JobResult | JobFailed]:
@@ -116,10 +122,26 @@ class Session:
         """The whole pipeline on the image."""
         raise NotImplementedError
 
-    def update_job(self, make_engine: EngineFactory, boxes: np.ndarray) -> Job | None:
-        """Segment ``boxes`` (the boxes layer after an edit), redoing only what changed; None when
-        nothing needs doing."""
+    def update_job(self, make_engine: EngineFactory, got: ShapeBoxes) -> Job | None:
+        """Segment the boxes layer's boxes ``got`` (after an edit), redoing only what changed; None
+        when nothing needs doing."""
         raise NotImplementedError
+
+    def undo_job(self, make_engine: EngineFactory) -> Job | None:
+        """Take back the last box edit and segment again where it was; None: nothing to undo."""
+        return None
+
+    def follow_view(self) -> list[UiStep]:
+        """UI steps that keep the boxes layer in step with the view (slides show only nearby boxes)."""
+        return []
+
+    def view_note(self) -> str:
+        """What to tell the user about the view (e.g. zoom in to edit a slide's boxes), if anything."""
+        return ""
+
+    def all_boxes(self) -> np.ndarray:
+        """Every box of the session (image px), also those not shown."""
+        return self.read_boxes().boxes
 
     def by_hand(self) -> None:
         """Get ready for boxes drawn by hand: an empty segmentation and boxes layer."""

@@ -46,6 +46,7 @@ from .slide_session import SlideSession, Workdir, is_slide
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
+VIEW_MS = 150  # the camera rests this long before the boxes layer follows it
 PROGRESS_INTERVAL_S = 0.1
 PROGRESS_AFTER_S = 0.5  # napari's progress bar costs the UI thread ~0.1 s to make: only for long jobs
 
@@ -62,7 +63,8 @@ class SegThenSegWidget(Container):
         self._worker = None
         self._generation = 0
         self._dirty = False  # boxes edited since the last job snapshot
-        self._installing = False  # a job's result is being put in place, one step per event-loop turn
+        self._installing = 0  # steps (a job's result, boxes following the view) still to run, one per turn
+        self._job: Job | None = None  # the running job
         self._quiet = 0  # >0 while we change the boxes layer ourselves
         self._pbar = None
         self._t0 = self._shown = 0.0
@@ -97,17 +99,28 @@ class SegThenSegWidget(Container):
         self.segment_button = PushButton(text="Segment boxes", tooltip="Segment the boxes layer now "
                                          "(only new or changed boxes go through the fine net)")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.undo_button = PushButton(text="Undo box edit", tooltip="Take back the last box edit (Ctrl+Z in "
+                                      "the boxes layer) and segment again where it was")
         self.save_button = PushButton(text="Save segmentation + boxes…",
                                       tooltip="NAME.ome.zarr (OME-Zarr label image) and NAME.boxes.csv")
         self.status = Label(label="", value="")
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
             self.rough_scale, self.scale_info, self.segmentation, self.live, self.run_button,
-            self.segment_button, self.cancel_button, self.save_button, self.status])
+            self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status])
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
         self._debounce.timeout.connect(self.update_boxes)
+        self._view_timer = QTimer()  # the boxes layer follows the camera once it rests
+        self._view_timer.setSingleShot(True)
+        self._view_timer.setInterval(VIEW_MS)
+        self._view_timer.timeout.connect(self.follow_view)
+        # napari 0.9 moved the camera to viewer.scene (viewer.camera is a deprecated alias there)
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+        camera.events.center.connect(self._on_camera)
+        camera.events.zoom.connect(self._on_camera)
+        self.undo_button.changed.connect(self.undo)
         self.model.changed.connect(self._on_model_changed)
         self.load_button.changed.connect(self._ask_model_file)
         self.boxes.changed.connect(self._on_boxes_layer_chosen)
@@ -220,7 +233,7 @@ class SegThenSegWidget(Container):
     @property
     def busy(self) -> bool:
         """True while a job runs in the background or an edit waits to be segmented."""
-        return self._worker is not None or self._debounce.isActive() or self._installing
+        return self._worker is not None or self._debounce.isActive() or self._installing > 0
 
     @property
     def current_model(self) -> StSModel | None:
@@ -269,12 +282,13 @@ class SegThenSegWidget(Container):
                 session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
 
     def _adopt(self, session: Session) -> None:
-        """Make ``session`` the current one and listen to its boxes layer."""
+        """Make ``session`` the current one and listen to its boxes layer (edits, and Ctrl+Z)."""
         self._unwatch_boxes(self._session)
         self._unwatch_boxes(session)
         self._session = session
         if session.boxes_layer is not None:
             session.boxes_layer.events.data.connect(self._on_boxes_edited)
+            session.boxes_layer.bind_key("Control-Z", lambda _layer: self.undo(), overwrite=True)
 
     def _engine_factory(self, model: StSModel) -> EngineFactory:
         """Builds the job's engine (in the worker): the model on the chosen device and rough scale."""
@@ -344,7 +358,7 @@ class SegThenSegWidget(Container):
             show_info(f"Boxes outside the image: {got.clipped} clipped, {got.dropped} ignored.")
         self._dirty = False
         with self._quietly():
-            job = session.update_job(self._engine_factory(model), got.boxes)
+            job = session.update_job(self._engine_factory(model), got)
         if job is None:
             self.status.value = f"{len(got.boxes)} boxes, nothing to re-segment"
             return
@@ -357,7 +371,10 @@ class SegThenSegWidget(Container):
             self._generation += 1
             if self._cancel is not None:
                 self._cancel.set()  # the job closes itself in its thread (and cleans up after itself)
+            job = self._job
             self._finish()
+            if job is not None and job.on_abort is not None:
+                job.on_abort()
             self.status.value = "cancelled"
 
     # -- workers -----------------------------------------------------------------------------
@@ -368,7 +385,7 @@ class SegThenSegWidget(Container):
         generation = self._generation
         self._cancel = threading.Event()
         worker = create_worker(run_in_worker, job, self._cancel, _start_thread=False)
-        self._pbar, self._job_name = None, job.name  # the bar appears after PROGRESS_AFTER_S
+        self._pbar, self._job_name, self._job = None, job.name, job  # the bar appears after PROGRESS_AFTER_S
         worker.yielded.connect(lambda p: self._on_progress(p, generation))
         worker.returned.connect(lambda res: self._on_returned(generation, session, job, res))
         worker.errored.connect(lambda exc: self._if_current(generation, self._on_error, exc))
@@ -393,6 +410,8 @@ class SegThenSegWidget(Container):
     def _on_progress(self, p: Progress, generation: int) -> None:
         if generation != self._generation or self._worker is None:
             return
+        if self._job is not None and self._job.on_progress is not None:
+            self._job.on_progress(p)
         now = time.perf_counter()  # a slide reports hundreds of steps: redraw at most 10 times a second
         if p.done < p.total and now - self._shown < PROGRESS_INTERVAL_S:
             return
@@ -422,6 +441,8 @@ class SegThenSegWidget(Container):
     def _on_error(self, exc: Exception | JobFailed) -> None:
         """Layers stay as they were; the message says why."""
         self._dirty = False
+        if self._job is not None and self._job.on_abort is not None:
+            self._job.on_abort()
         msg = exc.message if isinstance(exc, JobFailed) else str(exc)
         show_error(f"Segment-then-Segment failed: {msg}")
         self.status.value = f"failed: {msg}"
@@ -442,12 +463,15 @@ class SegThenSegWidget(Container):
                     self.segmentation.value = session.seg_layer
             self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
             self.status.value = job.status(res, self.last_seconds)
+            self.follow_view()
 
         self._in_turns([*job.show(res, edited), ready])
 
     def _in_turns(self, steps: list) -> None:
         """Run ``steps`` one per event-loop turn (the widget stays busy until the last)."""
-        self._installing = True
+        if not steps:
+            return
+        self._installing += 1
 
         def step(i: int) -> None:
             try:
@@ -457,11 +481,42 @@ class SegThenSegWidget(Container):
                 if i + 1 < len(steps):
                     QTimer.singleShot(0, lambda: step(i + 1))
                 else:
-                    self._installing = False
-                    if self._dirty and self.live.value and self._worker is None:
+                    self._installing -= 1
+                    if self._dirty and self.live.value and self._worker is None and not self._installing:
                         self._debounce.start()
 
         step(0)
+
+    # -- the view ----------------------------------------------------------------------------
+    def _on_camera(self, _event=None) -> None:
+        self._view_timer.start()
+
+    def follow_view(self) -> None:
+        """Bring the boxes layer in step with what is on screen (slides show only nearby boxes)."""
+        session = self._session
+        if session is None:
+            return
+        self._in_turns(session.follow_view())
+        note = session.view_note()
+        if note and self._worker is None:
+            self.status.value = note
+
+    # -- undo --------------------------------------------------------------------------------
+    def undo(self) -> None:
+        """Take back the last box edit and segment again where it was."""
+        session, model = self._session, self.current_model
+        if session is None or model is None or model.fine is None:
+            return
+        if self._worker is not None or self._installing:
+            show_info("Segment-then-Segment: a job is running; undo when it has finished.")
+            return
+        self._debounce.stop()
+        with self._quietly():
+            job = session.undo_job(self._engine_factory(model))
+        if job is None:
+            self.status.value = "nothing to undo"
+            return
+        self._start(session, job)
 
     def _on_segmentation_chosen(self, layer) -> None:
         """A saved segmentation picked for the current image: continue from it with the boxes."""
@@ -562,4 +617,4 @@ class SegThenSegWidget(Container):
 
     def current_boxes(self) -> np.ndarray:
         """The boxes the widget would segment now (image pixels)."""
-        return self._session.read_boxes().boxes if self._session else np.zeros((0, 4), np.int64)
+        return self._session.all_boxes() if self._session else np.zeros((0, 4), np.int64)
