@@ -114,6 +114,8 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
         gt = read_image(data / "masks" / f"{r['stem']}.png") > 0
         gray = img[..., 0] if img.ndim == 3 else img
         im, m = transformed(type("F", (), {"image": gray, "mask": gt})(), int(r["rot90"]), r["flip"] == "1")
+        oy, ox, h, w = (int(r.get(k, 0)) for k in ("oy", "ox", "h", "w"))  # a field cut to fit (dense slides)
+        im, m = im[oy:oy + h, ox:ox + w], m[oy:oy + h, ox:ox + w]
         res = engine.segment(im)
         p = res.mask
         tot["tp"] += int(np.count_nonzero(p & m))

@@ -8,8 +8,9 @@ asked share of the slide; fields are reused as often as needed, each time flippe
 at random. Written as a tiled, pyramidal OME-TIFF (levels 2x apart, zlib), with:
 
 * ``NAME_gt.tif``: the ground-truth mask (uint8 0/1, tiled BigTIFF);
-* ``NAME_fields.csv``: every placed field (its stem, flip/rotation, y, x, h, w), so the same
-  fields can be segmented one by one and scored against the same ground truth.
+* ``NAME_fields.csv``: every placed field (its stem, flip/rotation, y, x, h, w, and the corner oy, ox
+  of the part used when it was cut to fit), so the same fields can be segmented one by one and
+  scored against the same ground truth.
 
 The slide is built in a memory-mapped scratch file, so any size fits on disk, not in memory:
 
@@ -70,15 +71,41 @@ def transformed(f: Field, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(img), np.ascontiguousarray(mask)
 
 
-def layout(fields: list[Field], size: int, coverage: float, gap: int, seed: int) -> list[tuple]:
+def layout(fields: list[Field], size: int, coverage: float, gap: int, seed: int,
+           tissue: str = "ellipse") -> list[tuple]:
     """Placements ``(field index, rot90 k, flip, y, x, h, w)`` packed in rows inside a circle just
-    large enough to reach ``coverage`` (rows and gaps waste part of it)."""
+    large enough to reach ``coverage`` (rows and gaps waste part of it); ``tissue="full"`` packs
+    rows of equal height over the whole slide, each field cut to the row (dense tissue: fields touch,
+    rows are added until ``coverage`` is reached)."""
+    if tissue == "full":
+        return _pack_dense(fields, size, coverage * size * size, np.random.default_rng(seed))
     for room in (1.35, 1.6, 1.9, 2.3, 2.8, 3.5):
         rng = np.random.default_rng(seed)
         radius = min(0.49 * size, math.sqrt(room * coverage * size * size / math.pi))
         placed = _pack(fields, size, coverage * size * size, radius, gap, rng)
         if sum(p[5] * p[6] for p in placed) >= 0.98 * coverage * size * size:
             break
+    return placed
+
+
+def _pack_dense(fields: list[Field], size: int, target: float, rng: np.random.Generator) -> list[tuple]:
+    """Rows of the smallest field side, left to right without gaps; each field cut at a random place
+    to the row's height (and the last one of a row to the slide's edge): ``(..., oy, ox)`` is the
+    cut's corner in the (rotated, flipped) field."""
+    row = min(min(f.image.shape) for f in fields)
+    placed, area, y = [], 0.0, 0
+    while y < size and area < target:
+        rh, x = min(row, size - y), 0
+        while x < size:
+            i = int(rng.integers(len(fields)))
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            th, tw = fields[i].image.shape[::-1] if k % 2 else fields[i].image.shape
+            w = min(tw, size - x)
+            oy, ox = int(rng.integers(0, th - rh + 1)), int(rng.integers(0, tw - w + 1))
+            placed.append((i, k, flip, y, x, rh, w, oy, ox))
+            area += rh * w
+            x += w
+        y += rh
     return placed
 
 
@@ -101,7 +128,7 @@ def _pack(fields: list[Field], size: int, target: float, radius: float, gap: int
                 x = cx - half + rng.integers(0, gap + 1)
             if x + w > cx + half:
                 break
-            placed.append((int(i), k, flip, int(y), int(x), h, w))
+            placed.append((int(i), k, flip, int(y), int(x), h, w, 0, 0))
             area += h * w
             x += w + gap + int(rng.integers(0, gap + 1))
             row_h = max(row_h, h)
@@ -135,9 +162,9 @@ def write_pyramid(path: Path, levels: list[np.ndarray]) -> None:
 
 
 def make_slide(fields: list[Field], size: int, coverage: float, out: Path, seed: int = 2022,
-               gap: int = 16, noise: float = 0.0) -> dict:
+               gap: int = 16, noise: float = 0.0, tissue: str = "ellipse") -> dict:
     rng = np.random.default_rng(seed + 1)
-    place = layout(fields, size, coverage, gap, seed)
+    place = layout(fields, size, coverage, gap, seed, tissue)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.name.split(".")[0]
     scratch = out.with_name(f".{stem}_scratch.npy")
@@ -151,18 +178,18 @@ def make_slide(fields: list[Field], size: int, coverage: float, out: Path, seed:
             img[y:y + rows] = np.clip(rng.normal(8, noise, (rows, size)), 0, 255).astype(np.uint8)
     with open(out.with_name(f"{stem}_fields.csv"), "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["stem", "rot90", "flip", "y", "x", "h", "w"])
-        for i, k, flip, y, x, h, w in place:
+        writer.writerow(["stem", "rot90", "flip", "y", "x", "h", "w", "oy", "ox"])
+        for i, k, flip, y, x, h, w, oy, ox in place:
             im, m = transformed(fields[i], k, flip)
-            img[y:y + h, x:x + w] = im
-            gt[y:y + h, x:x + w] = m
-            writer.writerow([fields[i].stem, k, int(flip), y, x, h, w])
+            img[y:y + h, x:x + w] = im[oy:oy + h, ox:ox + w]
+            gt[y:y + h, x:x + w] = m[oy:oy + h, ox:ox + w]
+            writer.writerow([fields[i].stem, k, int(flip), y, x, h, w, oy, ox])
     img.flush()
     gt.flush()
     write_pyramid(out, pyramid(img))
     tifffile.imwrite(gt_path, gt, bigtiff=True, tile=(TILE, TILE), compression="zlib",
                      photometric="minisblack")
-    area = sum(h * w for *_, h, w in place)
+    area = sum(p[5] * p[6] for p in place)
     del img, gt
     scratch.unlink()
     gt_scratch.unlink()
@@ -176,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=20480, help="slide side in px")
     p.add_argument("--coverage", type=float, default=0.3, help="share of the slide covered by fields")
     p.add_argument("--noise", type=float, default=0.0, help="std of a dim noisy background (0: black)")
+    p.add_argument("--gap", type=int, default=16, help="px between fields (0: touching, like dense tissue)")
+    p.add_argument("--tissue", choices=("ellipse", "full"), default="ellipse",
+                   help="where fields go: an elliptical tissue region, or rows over the whole slide")
     p.add_argument("--seed", type=int, default=2022)
     p.add_argument("--out", type=Path, required=True, help="slide path (NAME.ome.tif)")
     args = p.parse_args(argv)
     t = time.perf_counter()
     fields = load_fields(args.data)
-    info = make_slide(fields, args.size, args.coverage, args.out, args.seed, noise=args.noise)
+    info = make_slide(fields, args.size, args.coverage, args.out, args.seed, gap=args.gap, noise=args.noise,
+                      tissue=args.tissue)
     info["seconds"] = round(time.perf_counter() - t, 1)
     print(json.dumps(info))
     return 0

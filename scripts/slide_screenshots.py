@@ -208,9 +208,30 @@ def dice(store_level, gt_path: Path) -> float:
     return dsc(tot["tp"], tot["fp"], tot["fn"])
 
 
+def lazy_image(viewer):
+    """A 100,000 x 80,000 px multiscale image of zeros that is never held in memory (dask), as a
+    40x whole-slide image is large: for the box table at a real slide's scale."""
+    import dask.array as da
+
+    levels, shape = [], (100_000, 80_000)
+    while max(shape) > 1024:
+        levels.append(da.zeros(shape, dtype=np.uint8, chunks=4096))
+        shape = (shape[0] // 2, shape[1] // 2)
+    return viewer.add_image(levels, multiscale=True, name="lazy", contrast_limits=(0, 255))
+
+
+def random_boxes(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """``n`` nucleus-sized boxes (24-64 px) spread over an image of ``hw``."""
+    rng = np.random.default_rng(seed)
+    side = rng.integers(24, 65, n)
+    y0, x0 = rng.integers(0, hw[0] - 64, n), rng.integers(0, hw[1] - 64, n)
+    return np.stack([y0, x0, y0 + side, x0 + side], 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("slide", help="a pyramidal OME-TIFF/SVS/NDPI (e.g. from benchmarks/make_slide.py)")
+    p.add_argument("slide", nargs="?",
+                   help="a pyramidal OME-TIFF/SVS/NDPI (e.g. from benchmarks/make_slide.py)")
     p.add_argument("--out", required=True, help="folder for the PNGs and slide_measure.json")
     p.add_argument("--gt", help="ground-truth mask TIFF of the slide (make_slide.py's NAME_gt.tif)")
     p.add_argument("--model", default="default", help="model file (default: the bundled model)")
@@ -220,13 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", action="store_true", help="save the result as OUT/NAME.ome.zarr + .boxes.csv")
     p.add_argument("--continue", dest="resume", metavar="STEM",
                    help="instead of Run: continue from STEM.ome.zarr and STEM.boxes.csv (saved with --save)")
+    p.add_argument("--table", metavar="N", type=int,
+                   help="instead of a slide and Run: a lazy 100,000 x 80,000 px image (zeros) and a boxes "
+                        "file of N random boxes, opened and picked as the boxes layer (a real slide's scale)")
     args = p.parse_args(argv)
+    if not args.slide and not args.table:
+        p.error("give a slide, or --table N")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from napari_segthenseg.engine.boxio import write_boxes_csv
     from napari_segthenseg.plugin.slide_session import SlideSession
 
     viewer = napari.Viewer(title="Segment-then-Segment: whole slide")
@@ -236,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meter.phase = "open"
     t0 = time.perf_counter()
-    [image] = viewer.open(args.slide, plugin=PLUGIN)
+    if args.table:
+        image = lazy_image(viewer)
+        args.slide = "lazy 100000 x 80000 zeros"
+    else:
+        [image] = viewer.open(args.slide, plugin=PLUGIN)
     t_open = time.perf_counter() - t0
     t0 = time.perf_counter()
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
@@ -255,7 +286,16 @@ def main(argv: list[str] | None = None) -> int:
 
     meter.phase = "run"
     t0 = time.perf_counter()
-    if args.resume:  # what a user does to continue: open the boxes and the segmentation, pick them
+    t_read = 0.0
+    if args.table:  # what a user does with a saved boxes file: open it, pick it as the boxes layer
+        csv_path = out / "table.boxes.csv"
+        write_boxes_csv(csv_path, random_boxes(args.table, image.data[0].shape))
+        t0 = time.perf_counter()
+        [boxes_read] = viewer.open(str(csv_path), plugin=PLUGIN)
+        t_read = time.perf_counter() - t0
+        widget.boxes.reset_choices()
+        widget.boxes.value = boxes_read
+    elif args.resume:  # what a user does to continue: open the boxes and the segmentation, pick them
         [boxes_read] = viewer.open(args.resume + ".boxes.csv", plugin=PLUGIN)
         [seg_read] = viewer.open(args.resume + ".ome.zarr", plugin="napari-ome-zarr")
         t_read = time.perf_counter() - t0
@@ -278,21 +318,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {stem}.ome.zarr and .boxes.csv in {time.perf_counter() - t0:.1f} s")
     session = widget._session
     boxes_layer = session.boxes_layer
-    boxes = session.slide.boxes
+    boxes = session.table.all()
     print(f"run: {widget.status.value}; {t_run:.1f} s wall")
     meter.phase = "view"
     viewer.reset_view()
     settle(1.0)
     viewer.screenshot(str(out / "slide_run.png"), canvas_only=False)
 
-    # close-up on a box near the middle of the tissue (the boxes' median centre)
+    # zoom in and pan around the boxes' median centre, as a user looks around; the boxes layer follows
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     k = int(np.argmin(((centres - np.median(centres, 0)) ** 2).sum(1)))
     cy, cx = centres[k]
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
-    camera.center = tuple(image.data_to_world((cy, cx)))
-    camera.zoom = 1.6
-    settle(1.5)
+    meter.phase = "navigate"
+    navigation = []
+    step = 600.0  # image px between looks
+    for zoom, (dy, dx) in [(0.2, (0, 0)), (1.0, (0, 0)), (1.0, (0, step)), (1.0, (step, step)),
+                           (1.0, (step, 0)), (1.0, (step, -step)), (0.5, (0, 0)), (3.0, (0, 0))]:
+        t_move = time.perf_counter()
+        camera.center = tuple(image.data_to_world((cy + dy, cx + dx)))
+        camera.zoom = zoom
+        settle(0.3)  # the camera rests: the boxes layer follows (debounced)
+        caught_up = loop_until(lambda: not widget.busy, 60)
+        navigation.append({"zoom": zoom, "offset_px": [dy, dx], "caught_up": caught_up,
+                           "s_to_boxes_shown": round(time.perf_counter() - t_move, 2),
+                           "rectangles": len(boxes_layer.data), "in_view": session.view.in_view,
+                           "note": session.view_note()})
+    print("navigate", json.dumps(navigation))
+    settle(1.0)
     viewer.screenshot(str(out / "slide_zoom.png"), canvas_only=False)
 
     # edits with napari's own mouse handlers, on the boxes layer in select mode
@@ -352,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     edit_at["draw"] = [to_world(y1 - 0.5, x1 - 0.5)]
     finish("draw", napari_s, t_rel)
     boxes_layer.mode = "select"
-    boxes_layer.selected_data = {len(boxes_layer.data) - 1}
+    if len(boxes_layer.data):
+        boxes_layer.selected_data = {len(boxes_layer.data) - 1}
     settle(1.0)
     viewer.screenshot(str(out / "slide_edit.png"), canvas_only=False)
 
@@ -367,19 +421,20 @@ def main(argv: list[str] | None = None) -> int:
         "continued_from": args.resume,
         "read_boxes_and_segmentation_s": round(t_read, 2) if args.resume else None,
         "boxes": int(len(boxes)), "seg_levels": [list(lv.shape) for lv in label.levels],
+        "navigation": navigation, "boxes_file_read_s": round(t_read, 2) if args.table else None,
         "seg_level0_type": type(label.levels[0]).__module__ + "." + type(label.levels[0]).__name__,
         "rough_layer": None if session.rough_layer is None else {
             "shape": list(np.shape(session.rough_layer.data[0] if session.rough_layer.multiscale
                                    else session.rough_layer.data)),
             "scale": list(map(float, session.rough_layer.scale))},
         "peak_rss_mb": round(rss, 1), "rss_before_open_mb": round(rss0, 1),
-        "stalls": {ph: meter.longest(ph) for ph in ("open", "run", "view")},
-        "run_ui_thread_s": {n: round(meter.total("run", n), 3) for n in (
-            "_on_slide_run_done", "install", "_on_progress")},
+        "stalls": {ph: meter.longest(ph) for ph in ("open", "run", "view", "navigate")},
+        "run_ui_thread_s": {n: round(meter.total("run", n), 3)
+                            for n in ("_on_done", "install", "_on_progress")},
         "edits": edits, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "stalls_over_0.25_s": meter.log,
     }
-    if args.gt:
+    if args.gt and not args.table:
         result["dsc"] = round(dice(label.levels[0], Path(args.gt)), 4)
     (out / "slide_measure.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "edits"}, indent=1))

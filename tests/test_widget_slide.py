@@ -91,7 +91,7 @@ def whole_slide_in_view(monkeypatch):
     from napari_segthenseg.plugin import slide_session
 
     view: list = [None]
-    monkeypatch.setattr(slide_session, "view_region", lambda layer, hw: view[0])
+    monkeypatch.setattr(slide_session, "view_region", lambda viewer, layer, hw: view[0])
     return view
 
 

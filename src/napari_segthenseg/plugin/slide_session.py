@@ -71,7 +71,7 @@ class SlideSession(Session):
         self.view: BoxesView | None = None
         self.saved: Path | None = None  # a saved segmentation to continue from (copied first)
         self.saved_layer: object = None  # the layer showing it (replaced by the copy's layer)
-        self.view_of = lambda: view_region(self.image_layer, self.plane.hw)  # where the camera looks
+        self.view_of = lambda: view_region(self.viewer, self.image_layer, self.plane.hw)  # on screen
 
     def _source(self) -> ImageSource:
         return self.data if isinstance(self.data, ImageSource) else ImageSource(self.data, name="slide")

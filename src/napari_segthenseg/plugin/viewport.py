@@ -21,24 +21,44 @@ from ..engine.grid import Region
 from .boxtable import NO_IDS, BoxTable, Edit
 from .layers import BOX_COLOUR, VIEWPORT_KEY, Plane, ShapeBoxes, boxes_to_rectangles
 
-VIEW_BOXES = 1000  # at most this many boxes are rectangles; more in view: zoom in to edit
+VIEW_BOXES = 2000  # at most this many boxes in view are rectangles; more: zoom in to edit
 ADD_BATCH = 100  # rectangles added per event-loop turn (~0.1 s of napari's time on this CPU)
-VIEW_MARGIN = 0.25  # share of the view's size added on each side (pans show boxes at once)
+VIEW_MARGIN = 0.15  # share of the view's size added on each side (short pans show boxes at once)
 ID = "box_id"
 NEW = -1  # the id of a rectangle drawn by hand, until the table gives it one
 
 
-def view_region(layer: object, hw: tuple[int, int]) -> Region | None:
-    """The part of ``layer``'s image on screen (level-0 px), from napari's ``corner_pixels``; None
-    before the canvas first drew the layer."""
-    corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
-    if not corners.any():
-        return None
-    corners[1] += 1  # the last pixel on screen, included
-    if getattr(layer, "multiscale", False):  # corner pixels are in the level on screen
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+def view_region(viewer: object, layer: object, hw: tuple[int, int]) -> Region | None:
+    """The part of ``layer``'s image on screen (level-0 px).
+
+    From the camera (centre and zoom) and the canvas size (``viewer.canvas.size``, napari >= 0.9),
+    each screen corner taken to the image's pixels. Older napari: the layer's ``corner_pixels``
+    (for a multiscale layer only the loaded tiles' extent). None before the canvas has a size.
+    """
+    size = getattr(getattr(viewer, "canvas", None), "size", None)
+    if size is None:
+        corners = np.asarray(layer.corner_pixels, dtype=float)[:, -2:]
+        if not corners.any():
+            return None
+        corners[1] += 1  # the last pixel, included
+        if getattr(layer, "multiscale", False):  # corner pixels are in the level on screen
+            corners = corners * np.asarray(layer.downsample_factors[layer.data_level], dtype=float)[-2:]
+    else:
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        half = np.asarray(size[-2:], dtype=float) / camera.zoom / 2
+        centre = np.asarray(camera.center, dtype=float)[-2:]
+        point = np.asarray(viewer.dims.point, dtype=float)[-layer.ndim:]
+        pts = []
+        for dy in (-1, 1):
+            for dx in (-1, 1):
+                point[-2:] = centre + (dy * half[0], dx * half[1])
+                pts.append(np.asarray(layer.world_to_data(tuple(point)), dtype=float)[-2:])
+        pts = np.asarray(pts) + 0.5  # pixel j covers [j - 0.5, j + 0.5]
+        corners = np.stack([pts.min(0), pts.max(0)])
     (y0, x0), (y1, x1) = corners
-    return int(max(0, y0)), int(max(0, x0)), int(min(hw[0], np.ceil(y1))), int(min(hw[1], np.ceil(x1)))
+    y0, x0 = int(max(0, np.floor(y0))), int(max(0, np.floor(x0)))
+    y1, x1 = int(min(hw[0], np.ceil(y1))), int(min(hw[1], np.ceil(x1)))
+    return (y0, x0, y1, x1) if y1 > y0 and x1 > x0 else (0, 0, 0, 0)
 
 
 def grown(region: Region, by: float, hw: tuple[int, int]) -> Region:
@@ -81,10 +101,9 @@ class BoxesView:
         """Ids of the boxes that belong in the layer now (none when too many are in view)."""
         hw = self.plane.hw
         region = self.view() or (0, 0, hw[0], hw[1])
-        ids, _ = self.table.in_region(grown(region, VIEW_MARGIN, hw))
-        self.in_view = len(ids)
-        self.too_many = len(ids) > VIEW_BOXES
-        return NO_IDS if self.too_many else ids
+        self.in_view = self.table.count_in(region)
+        self.too_many = self.in_view > VIEW_BOXES
+        return NO_IDS if self.too_many else self.table.in_region(grown(region, VIEW_MARGIN, hw))[0]
 
     def follow(self, stale: np.ndarray = NO_IDS) -> list[Callable[[], None]]:
         """The UI steps that bring the layer in step with the view: one removal, then additions of

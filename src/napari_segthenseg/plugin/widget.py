@@ -65,6 +65,7 @@ class SegThenSegWidget(Container):
         self._dirty = False  # boxes edited since the last job snapshot
         self._installing = 0  # steps (a job's result, boxes following the view) still to run, one per turn
         self._job: Job | None = None  # the running job
+        self._job_status = ""  # what the last job said
         self._quiet = 0  # >0 while we change the boxes layer ourselves
         self._pbar = None
         self._t0 = self._shown = 0.0
@@ -462,7 +463,7 @@ class SegThenSegWidget(Container):
                     self.segmentation.reset_choices()
                     self.segmentation.value = session.seg_layer
             self.last_seconds, self.last_timings = self._elapsed(), dict(res.timings)
-            self.status.value = job.status(res, self.last_seconds)
+            self._job_status = self.status.value = job.status(res, self.last_seconds)
             self.follow_view()
 
         self._in_turns([*job.show(res, edited), ready])
@@ -497,9 +498,8 @@ class SegThenSegWidget(Container):
         if session is None:
             return
         self._in_turns(session.follow_view())
-        note = session.view_note()
-        if note and self._worker is None:
-            self.status.value = note
+        if self._worker is None:  # the last job's line, and what to know about the view
+            self.status.value = "\n".join(t for t in (self._job_status, session.view_note()) if t)
 
     # -- undo --------------------------------------------------------------------------------
     def undo(self) -> None:
