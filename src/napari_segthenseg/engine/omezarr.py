@@ -27,7 +27,7 @@ from .grid import CHUNK
 
 MIN_LEVEL_SIDE = 512  # the pyramid stops when a level fits in this many pixels
 NGFF_VERSION = "0.4"
-MASK_COLOUR = [255, 0, 255, 255]  # magenta: unlike the blues and yellows of the other layers
+MASK_COLOUR = [255, 59, 48, 255]  # red (#ff3b30): the plugin's first segmentation colour (plugin/layers.py)
 
 
 @dataclass
