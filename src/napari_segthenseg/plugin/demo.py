@@ -82,10 +82,11 @@ def root_message(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def open_viewer(image: str | None, model: tuple[str, StSModel] | None, device: str = "auto"):
+def open_viewer(image: str | None, model: str | None = DEFAULT_MODEL_NAME, device: str = "auto",
+                loaded: StSModel | None = None):
     """A napari viewer with the image and the docked widget, shown only once the image has been
-    read (a file napari cannot read raises :class:`DemoError` and no window appears);
-    returns (viewer, widget)."""
+    read (a file napari cannot read raises :class:`DemoError` and no window appears), with
+    ``model`` selected (``loaded``: that model, already loaded); returns (viewer, widget)."""
     import napari
 
     from .sample import SAMPLE_NAME, load_sample_image
@@ -104,8 +105,12 @@ def open_viewer(image: str | None, model: tuple[str, StSModel] | None, device: s
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     widget.image.value = viewer.layers[0]
     widget.device.value = device
-    if model is not None and model[0] != DEFAULT_MODEL_NAME:
-        widget.use_model(*model)
+    if model is not None and model != DEFAULT_MODEL_NAME:
+        if loaded is not None:
+            widget.use_model(model, loaded)
+        elif not widget.load_model_file(model):
+            viewer.close()
+            raise DemoError(f"cannot load model {model}")
     return viewer, widget
 
 
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1  # nothing to run: said above
         import napari
 
-        viewer, widget = open_viewer(args.image, model, args.device)
+        key, loaded = model if model is not None else (None, None)
+        viewer, widget = open_viewer(args.image, key, args.device, loaded)
     except DemoError as exc:
         print(f"segthenseg-demo: error: {exc}", file=sys.stderr)
         return 2
