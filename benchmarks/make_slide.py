@@ -4,8 +4,10 @@ Fluorescence fields of the dsb2018 train and val splits (gray, dark background: 
 gray fields; the other 16 are bright-field images with dark nuclei on a bright background) are
 packed row by row, a few
 pixels apart, into an elliptical "tissue" region of a black canvas, until the fields cover the
-asked share of the slide; fields are reused as often as needed, each time flipped or rotated
-at random. Written as a tiled, pyramidal OME-TIFF (levels 2x apart, zlib), with:
+asked share of the slide; fields are reused as often as needed (within a row too, so a handful
+of fields, like the 7 fluorescence fields bundled in tests/data/dsb2018, fill any slide), each
+time flipped or rotated at random. A coverage the region cannot reach is refused, never
+silently missed. Written as a tiled, pyramidal OME-TIFF (levels 2x apart, zlib), with:
 
 * ``NAME_gt.tif``: the ground-truth mask (uint8 0/1, tiled BigTIFF);
 * ``NAME_fields.csv``: every placed field (its stem, flip/rotation, y, x, h, w, and the corner oy, ox
@@ -14,8 +16,9 @@ at random. Written as a tiled, pyramidal OME-TIFF (levels 2x apart, zlib), with:
 
 The slide is built in a memory-mapped scratch file, so any size fits on disk, not in memory:
 
-    python benchmarks/make_slide.py --data ../shared/data/dsb2018 --size 20480 \\
-        --coverage 0.3 --out /tmp/slides/slide20k.ome.tif
+    .venv/bin/python benchmarks/make_slide.py --size 10240 --out runs/slides/s10k.ome.tif
+
+(``--data`` defaults to the bundled tests/data/dsb2018; docs/BENCHMARKS.md uses the full set.)
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from napari_segthenseg.engine.reader import read_image
 
 TILE = 512
 MIN_LEVEL = 1024
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = REPO / "tests" / "data" / "dsb2018"
+REACHED = 0.98  # share of the asked coverage a layout must reach
+
+
+class SlideError(Exception):
+    """A slide that cannot be made as asked (no fields, or a coverage out of reach)."""
 
 
 @dataclass
@@ -74,18 +84,34 @@ def transformed(f: Field, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
 def layout(fields: list[Field], size: int, coverage: float, gap: int, seed: int,
            tissue: str = "ellipse") -> list[tuple]:
     """Placements ``(field index, rot90 k, flip, y, x, h, w)`` packed in rows inside a circle just
-    large enough to reach ``coverage`` (rows and gaps waste part of it); ``tissue="full"`` packs
-    rows of equal height over the whole slide, each field cut to the row (dense tissue: fields touch,
-    rows are added until ``coverage`` is reached)."""
+    large enough to reach ``coverage`` (rows and gaps waste part of it); raises
+    :class:`SlideError` when even the largest circle that fits cannot hold that much.
+    ``tissue="full"`` packs rows of equal height over the whole slide, each field cut to the row
+    (dense tissue: fields touch, rows are added until ``coverage`` is reached)."""
+    if not fields:
+        raise SlideError("no fluorescence fields to place")
+    target = coverage * size * size
     if tissue == "full":
-        return _pack_dense(fields, size, coverage * size * size, np.random.default_rng(seed))
+        return _pack_dense(fields, size, target, np.random.default_rng(seed))
     for room in (1.35, 1.6, 1.9, 2.3, 2.8, 3.5):
         rng = np.random.default_rng(seed)
         radius = min(0.49 * size, math.sqrt(room * coverage * size * size / math.pi))
-        placed = _pack(fields, size, coverage * size * size, radius, gap, rng)
-        if sum(p[5] * p[6] for p in placed) >= 0.98 * coverage * size * size:
-            break
-    return placed
+        placed = _pack(fields, size, target, radius, gap, rng)
+        if sum(p[5] * p[6] for p in placed) >= REACHED * target:
+            return placed
+    reached = sum(p[5] * p[6] for p in placed) / (size * size)
+    raise SlideError(f"coverage {coverage:g} cannot be reached on a {size} px slide: the fields fill at most "
+                     f"{reached:.3f} of it (the tissue region is a circle inside the slide, with gaps); ask "
+                     "for less")
+
+
+def field_pool(fields: list[Field], size: int, gap: int) -> list[int]:
+    """Field indices, each repeated as often as needed for one shuffled pool to outlast a row (a
+    row holds at most size / (shortest side + gap) fields). With the full data set one copy is
+    enough, so its layouts are the ones they always were; a handful of fields is repeated."""
+    shortest = min(min(f.image.shape) for f in fields)
+    reps = max(1, math.ceil((size / (shortest + gap) + 1) / len(fields)))
+    return [i for _ in range(reps) for i in range(len(fields))]
 
 
 def _pack_dense(fields: list[Field], size: int, target: float, rng: np.random.Generator) -> list[tuple]:
@@ -111,12 +137,14 @@ def _pack_dense(fields: list[Field], size: int, target: float, rng: np.random.Ge
 
 def _pack(fields: list[Field], size: int, target: float, radius: float, gap: int,
           rng: np.random.Generator) -> list[tuple]:
+    pool = field_pool(fields, size, gap)
     cy = cx = size / 2
     placed, area, y = [], 0.0, cy - radius
     while y < cy + radius and area < target:
         row_h, x = 0, None
-        order = rng.permutation(len(fields))
-        for i in order:
+        order = rng.permutation(len(pool))
+        for j in order:
+            i = pool[j]
             k, flip = int(rng.integers(4)), bool(rng.integers(2))
             h, w = fields[i].image.shape[::-1] if k % 2 else fields[i].image.shape
             # The chord of the ellipse over this row's rows.
@@ -197,20 +225,44 @@ def make_slide(fields: list[Field], size: int, coverage: float, out: Path, seed:
             "coverage": area / size**2, "seed": seed}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("../shared/data/dsb2018"))
-    p.add_argument("--size", type=int, default=20480, help="slide side in px")
-    p.add_argument("--coverage", type=float, default=0.3, help="share of the slide covered by fields")
-    p.add_argument("--noise", type=float, default=0.0, help="std of a dim noisy background (0: black)")
-    p.add_argument("--gap", type=int, default=16, help="px between fields (0: touching, like dense tissue)")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA, metavar="DIR",
+                   help="dsb2018 folder (images/, masks/, splits.json, manifest.csv) whose train and val "
+                        "fluorescence fields are placed (default: the 9 images bundled in "
+                        "tests/data/dsb2018, 7 of them fluorescence)")
+    p.add_argument("--size", type=int, default=20480, metavar="PX",
+                   help="slide side in px (default: %(default)s)")
+    p.add_argument("--coverage", type=float, default=0.3,
+                   help="share of the slide covered by fields; refused when out of reach "
+                        "(default: %(default)s)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="std of a dim noisy background (default: %(default)s = black)")
+    p.add_argument("--seed", type=int, default=2022,
+                   help="seed of the layout, the flips/rotations and the noise (default: %(default)s)")
+    p.add_argument("--gap", type=int, default=16,
+                   help="px between fields (default: %(default)s; 0 with --tissue full: touching, like dense "
+                        "tissue)")
     p.add_argument("--tissue", choices=("ellipse", "full"), default="ellipse",
-                   help="where fields go: an elliptical tissue region, or rows over the whole slide")
-    p.add_argument("--seed", type=int, default=2022)
+                   help="where fields go: an elliptical tissue region (default), or rows over the whole "
+                        "slide, each field cut to its row")
     p.add_argument("--out", type=Path, required=True, help="slide path (NAME.ome.tif)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.coverage < 1 or args.size < 256:
+        print("make_slide.py: error: --coverage must be in (0, 1) and --size at least 256", file=sys.stderr)
+        return 2
     t = time.perf_counter()
-    fields = load_fields(args.data)
+    try:
+        fields = load_fields(args.data)
+        layout(fields, args.size, args.coverage, args.gap, args.seed, args.tissue)  # refused before writing
+    except (OSError, KeyError, ValueError, SlideError) as exc:
+        print(f"make_slide.py: error: {args.data}: {exc}" if not isinstance(exc, SlideError) else
+              f"make_slide.py: error: {exc}", file=sys.stderr)
+        return 2
     info = make_slide(fields, args.size, args.coverage, args.out, args.seed, gap=args.gap, noise=args.noise,
                       tissue=args.tissue)
     info["seconds"] = round(time.perf_counter() - t, 1)

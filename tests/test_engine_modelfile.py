@@ -137,6 +137,15 @@ def test_a_folder_is_not_a_model(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_training_run_folder_means_its_model_pt(tmp_path):
+    """One rule for every command and the plugin: a run folder given as a model is its model.pt."""
+    from napari_segthenseg.engine import resolve_model_path
+
+    save_model(make_tiny_model(), tmp_path / "model.pt")
+    assert resolve_model_path(tmp_path) == tmp_path / "model.pt"
+    assert load_model(tmp_path).settings.size == load_model(tmp_path / "model.pt").settings.size
+
+
 def test_version_1_files_still_load(tmp_path):
     """Format 1 had no checksum and no trained scale: it loads, with the scale unknown."""
     m = make_tiny_model()

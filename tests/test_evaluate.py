@@ -206,3 +206,35 @@ def test_eval_run_problems_are_clear(tmp_path, capsys):
     run2 = fake_run(tmp_path / "run2", RUN_SPLITS)
     assert main([str(run2), str(data), "--split", "test"]) == 2
     assert "no split 'test'; available: holdout, train, val" in capsys.readouterr().err
+
+
+def test_bad_output_paths_are_refused_before_the_evaluation(small_set, model_file, tmp_path, capsys,
+                                                             monkeypatch):
+    """--json/--csv under a file: said at once, not as a traceback after the whole evaluation."""
+    from napari_segthenseg.cli import evaluate as evaluate_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_samples", never)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for option in ("--json", "--csv"):
+        target = a_file / "x.out"
+        assert main([str(model_file), str(small_set), option, str(target), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"{option} {target}: {a_file} is a file, not a folder" in err and "Traceback" not in err
+    assert main([str(model_file), str(small_set), "--json", str(tmp_path), "--device", "cpu"]) == 2
+    assert f"{tmp_path} is a folder, not a file" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+
+
+def test_eval_progress_lines_without_a_terminal(small_set, model_file, capsys, monkeypatch):
+    from napari_segthenseg.cli import common as common_mod
+
+    monkeypatch.setattr(common_mod, "PLAIN_EVERY_S", 0.0)
+    assert main([str(model_file), str(small_set), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    val = json.loads((small_set / "splits.json").read_text())["val"]
+    assert f"evaluating 1/2 images, {val[0]}" in err and f"evaluating 2/2 images, {val[1]}" in err
+    assert "\r" not in err

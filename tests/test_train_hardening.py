@@ -13,6 +13,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 
 from conftest import flip_middle
 from napari_segthenseg.engine import atomic as atomic_mod
@@ -340,3 +341,45 @@ def test_documented_defaults_match_the_config():
                 assert same, f"--{name}: docs say {value}, TrainConfig {default}"
                 checked += 1
     assert checked >= 12
+
+
+def test_out_that_is_a_file_is_a_one_line_error(data, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "run"):
+        assert main(rough(data, out, 1)) == 2
+        err = capsys.readouterr().err
+        assert f"segthenseg-train: error: --out {out}:" in err and "is a file, not a folder" in err
+        assert "Traceback" not in err and "FileExistsError" not in err
+    assert a_file.read_text() == "x"
+
+
+# -- small data sets -------------------------------------------------------------------------------
+
+def test_a_small_data_set_caps_the_batch_and_warns_when_epochs_are_one_step(tmp_path, capsys):
+    """4 training images at --batch-size 16: the batch is 4 (said), an epoch is one step, and 2 epochs
+    of one step each are warned about; 100 such epochs are not."""
+    d = make_data(tmp_path / "d", 6, {"train": stems(0, 5), "val": stems(5, 6)})  # 1 of 5 held out
+    out = tmp_path / "run"
+    small = ["--size", "32", "--width", "4", "--depth", "2", "--threads", "1", "--batch-size", "16"]
+    assert main([str(d), "--out", str(out), "--stage", "rough", "--epochs", "2", *small]) == 0
+    err = capsys.readouterr().err
+    assert "batch 4 x 1 process(es)" in err
+    assert "rough stage: batch 4: --batch-size 16 capped at the 4 training item(s) per process" in err
+    warning = ("an epoch of the rough stage is one optimizer step (4 training item(s), batch 4), so its 2 "
+               "epoch(s) are only 2 step(s)")
+    assert f"WARNING {warning}" in err and warning in err.strip().splitlines()[-1]
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["train_items"] for r in rows] == ["4", "4"]
+
+
+def test_one_step_epochs_are_fine_when_there_are_enough_of_them(tmp_path):
+    d = make_data(tmp_path / "d", 6, {"train": stems(0, 5), "val": stems(5, 6)})
+    cfg = TrainConfig(d, tmp_path / "run", size=32, width=4, depth=2, epochs=100, fine_epochs=10)
+    run = loop_mod.Run(cfg, loop_mod.ddp.DistInfo(0, 1, 0, torch.device("cpu")))
+    run.check_steps("rough", 4, 1)  # 100 steps: enough
+    run.check_steps("fine", 40, 3)  # several steps an epoch
+    assert run.warnings == []
+    run.check_steps("fine", 4, 1)  # 10 one-step epochs
+    assert len(run.warnings) == 1 and "(--fine-epochs;" in run.warnings[0]

@@ -142,6 +142,33 @@ def test_rough_boxes_and_segmentation_colours_cannot_be_confused(ran):
     assert seg.colormap.map(np.array([0]))[0, 3] == 0  # background transparent
 
 
+def test_the_rough_mask_shows_through_the_segmentation_and_label_images_are_red(ran):
+    """The rough layer lies under a half-transparent segmentation; the first segmentation colour is
+    the red stored for label 1 in the OME-Zarr label images (predict's, and the plugin's slides)."""
+    from napari_segthenseg.engine.omezarr import MASK_COLOUR
+    from napari_segthenseg.plugin.layers import SEG_COLOURS
+
+    viewer = ran[0]
+    names = [lyr.name for lyr in viewer.layers]
+    rough, seg = viewer.layers["cells rough"], viewer.layers["cells segmentation"]
+    assert names.index("cells rough") < names.index("cells segmentation")
+    assert seg.opacity <= 0.6 < rough.opacity  # a blend that leaves the rough blue visible under it
+    assert _hue(SEG_COLOURS[0]) < 10 and np.allclose(_rgb(SEG_COLOURS[0]), np.array(MASK_COLOUR[:3]) / 255)
+
+
+def test_the_saved_segmentation_picker_shows_only_for_slides(make_napari_viewer, dsb_image, model_file):
+    """On an ordinary image the "segmentation layer" picker (continuing a saved slide) is hidden."""
+    img, _ = dsb_image
+    viewer, layer, widget, _ = _open(make_napari_viewer, img, model_file)
+    assert widget.segmentation.native.isHidden()
+    pyramid = viewer.add_image([img[..., 0], img[::2, ::2, 0]], multiscale=True, name="pyramid")
+    widget.image.reset_choices()
+    widget.image.value = pyramid
+    assert not widget.segmentation.native.isHidden()
+    widget.image.value = layer
+    assert widget.segmentation.native.isHidden()
+
+
 def test_moving_one_box_refines_only_that_box(ran, qtbot, dsb_image, fitted_model):
     viewer, _, widget, calls = ran
     boxes_layer = viewer.layers["cells boxes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from napari_segthenseg.engine import (
     load_model,
     save_model,
 )
-from napari_segthenseg.engine.atomic import write_bytes
+from napari_segthenseg.engine.atomic import output_problem, write_bytes
+from napari_segthenseg.engine.modelfile import RUN_MODEL_NAME
 from napari_segthenseg.engine.scale import TrainedScale
 
 from . import distributed as ddp
@@ -62,12 +64,13 @@ from .data import (
 from .gtcrops import FineData, Prepared, RoughData, fixed_crops, network_channels, prepare
 from .losses import dice_per_item, soft_dice_loss
 
-MODEL_NAME = "model.pt"
+MODEL_NAME = RUN_MODEL_NAME  # a run folder given as a model means this file (engine.modelfile)
 LOG_NAME = "train.log"
 METRICS_NAME = "metrics.csv"
 # Files of a run folder written through a temporary ``.NAME.*.tmp`` (removed if a kill left one).
 WRITTEN = (CHECKPOINT_NAME, PREVIOUS_NAME, MODEL_NAME, METRICS_NAME, SPLITS_NAME)
 VAL_BATCH = 64
+MIN_STAGE_STEPS = 100  # fewer optimizer steps than this in a stage of one-step epochs: warned about
 log = logging.getLogger("trainer")
 
 
@@ -356,8 +359,28 @@ class Run:
             data, workers = FineData(self.train_items, cfg.size, self.channels, self.pad), cfg.workers
         sampler = DistributedSampler(data, num_replicas=self.info.world, rank=self.info.rank, shuffle=True,
                                      seed=cfg.seed)
-        return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+        return DataLoader(data, batch_size=self.batch_size(len(data)), sampler=sampler, num_workers=workers,
                           persistent_workers=False), sampler
+
+    def batch_size(self, items: int) -> int:
+        """``--batch-size``, capped at the items each process has (a batch cannot hold more)."""
+        return max(1, min(self.cfg.batch_size, math.ceil(items / self.info.world)))
+
+    def check_steps(self, stage: str, items: int, steps: int) -> None:
+        """Say so when the batch was capped, and warn when an epoch is a single optimizer step and
+        the stage too short to learn: a small data set at the default batch size (10 epochs of 5
+        images at batch 16 are 10 steps, and the network learns nothing)."""
+        cfg, batch = self.cfg, self.batch_size(items)
+        if batch < cfg.batch_size:
+            log.info("%s stage: batch %d: --batch-size %d capped at the %d training item(s) per process",
+                     stage, batch, cfg.batch_size, batch)
+        total = steps * cfg.epochs_for(stage)
+        if steps == 1 and total < MIN_STAGE_STEPS:
+            flag = "--fine-epochs" if stage == "fine" and cfg.fine_epochs else "--epochs"
+            epochs = cfg.epochs_for(stage)
+            self.warn(f"an epoch of the {stage} stage is one optimizer step ({items} training item(s), "
+                      f"batch {batch}), so its {epochs} epoch(s) are only {total} step(s): too few to learn; "
+                      f"give at least {MIN_STAGE_STEPS} epochs ({flag}; docs/TRAINING.md, Quick start)")
 
     @torch.no_grad()
     def validate(self, net: UNet, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -422,8 +445,9 @@ class Run:
         n_val = int(ddp.all_sum([float(len(vx))], info)[0])
         log.info("%s stage: epochs %d..%d, %d parameters, %d selection items, "
                  "batch %d x %d process(es), %s%s",
-                 stage, start + 1, epochs, count_parameters(net), n_val, cfg.batch_size, info.world,
+                 stage, start + 1, epochs, count_parameters(net), n_val, loader.batch_size, info.world,
                  info.device, f" (DDP, {dist.get_backend()})" if info.joined else "")
+        self.check_steps(stage, len(loader.dataset), len(loader))
         for epoch in range(start + 1, epochs + 1):
             t = time.perf_counter()
             row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
@@ -464,6 +488,9 @@ class Run:
 
 def train(cfg: TrainConfig) -> Path:
     """Run ``segthenseg-train``; returns the path of the written model file."""
+    problem = output_problem(cfg.out, folder=True)  # e.g. an existing file: said now, not as a traceback
+    if problem is not None:
+        raise ValueError(f"--out {cfg.out}: {problem}")
     info = ddp.setup(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

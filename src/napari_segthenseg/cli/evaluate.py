@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from trainer.config import DEFAULT_SEED
 from trainer.data import (
@@ -38,7 +37,7 @@ from trainer.data import (
 from trainer.metrics import METRICS, format_table, scores, summarize
 
 from ..engine import DEFAULT_MODEL_NAME, Engine, StSModel
-from .common import CliError, open_engine
+from .common import CliError, CommandProgress, check_output, model_path, open_engine
 
 METHODS = ("baseline", "sts")
 TITLES = {"baseline": "baseline", "sts": "StS"}
@@ -77,8 +76,9 @@ def find_run(model: str, run: Path | None) -> tuple[str, Path | None]:
     if model == DEFAULT_MODEL_NAME:
         return model, None
     p = Path(model)
-    if p.is_dir() and (p / "model.pt").is_file():
-        return str(p / "model.pt"), p if (p / SPLITS_NAME).is_file() else None
+    if p.is_dir():
+        model = str(model_path(model))  # a run folder: its model.pt (or a clear error)
+        return model, p if (p / SPLITS_NAME).is_file() else None
     if p.is_file() and (p.parent / SPLITS_NAME).is_file():
         return model, p.parent
     return model, None
@@ -169,12 +169,14 @@ def check_model(model: StSModel) -> None:
 
 def evaluate_samples(engine: Engine, samples: Sequence[Sample],
                      progress: bool | None = None) -> tuple[list[dict[str, object]], dict[str, object]]:
-    """Rows and summary for ``samples``; ``progress=None`` shows a bar only on a terminal."""
+    """Rows and summary for ``samples``; ``progress=None``: a bar on a terminal, plain lines
+    otherwise; ``False``: nothing."""
     check_model(engine.model)
     if samples:  # warm-up, so the first image's timing is not the one-off start-up cost
         evaluate_image(engine, samples[0])
-    disable = None if progress is None else not progress  # None: tqdm shows a bar only on a terminal
-    bar = tqdm(samples, desc="evaluating", unit="image", disable=disable, file=sys.stderr)
+    # None: a bar on a terminal, else a plain line every few seconds (CommandProgress)
+    bar = CommandProgress(samples, "evaluating", "image", name=lambda s: s.stem,
+                          enabled=progress is not False, terminal=True if progress else None)
     rows = [evaluate_image(engine, s) for s in bar]
     return rows, summarize_rows(rows)
 
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    check_output(args.json, "--json")  # before the evaluation, not after it
+    check_output(args.csv, "--csv")
     model, run_dir = find_run(args.model, args.run)
     engine = open_engine(model, args.device)
     check_model(engine.model)

@@ -7,10 +7,13 @@ Per image, in ``--out``:
 * ``<stem>_labels.tif`` / ``.ome.zarr`` instead with ``--labels`` (one id per object);
 * ``<stem>.boxes.csv``: the StS boxes, full-resolution pixels, half-open ``y0,x0,y1,x1``.
 
-The boxes file is written last, so an image is done when both of its files exist: a rerun skips
-finished images, redoes unfinished ones and removes what a killed run left behind (temporary
-files and ``.partial`` folders). A file that cannot be read or segmented is reported and
-skipped; a full disk stops the run at once. See docs/WHOLE_SLIDES.md for slides.
+The boxes file is written last, so an image is done when both of its files exist, and
+``segthenseg-predict.json`` then records the model (SHA-256) and options it was made with
+(:mod:`.manifest`). A rerun skips finished images made with the same model and options, redoes
+the others (saying why; ``--overwrite`` redoes all) and removes what a killed run left behind
+(temporary files and ``.partial`` folders). A file that cannot be read or segmented is reported
+and skipped; a full disk stops the run at once. Every output path is checked before the first
+image. See docs/WHOLE_SLIDES.md for slides.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -38,10 +41,11 @@ from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
 from ..engine.labels import LABEL_DTYPE, relabel_chunked
 from ..engine.limits import LARGE_IMAGE_PX
-from ..engine.progress import drive
+from ..engine.progress import Progress, drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from ..engine.slide import CHUNK, ChunkedOutput
-from .common import CliError, StageBars, open_engine
+from .common import CliError, CommandProgress, check_output, model_path, open_engine
+from .manifest import Manifest, Recipe, file_sha256
 
 FORMATS = ("auto", "tif", "ome-zarr")
 
@@ -83,11 +87,13 @@ def clean_leftovers(out: Path) -> int:
 # -- one image -------------------------------------------------------------------------------
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
-                 bars: bool = False, report: Path | None = None) -> tuple[Path, Path]:
+                 on_step: Callable[[Progress], None] | None = None,
+                 report: Path | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
-    With ``report``, one JSON line about the image is appended there (size, rough plan, boxes,
-    stage seconds, network pixels).
+    ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
+    JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
+    pixels).
     """
     t0 = time.perf_counter()
     with open_image(path) as opened:
@@ -98,14 +104,13 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
             tqdm.write(f"note: {path} ({src.height} x {src.width}) is smaller than the model's input size "
                        f"S={engine.settings.size}; it is upsampled", file=sys.stderr)
         if not zarr_out:
-            with StageBars(bars) as show:
-                res = drive(engine.walk(src), show)
+            res = drive(engine.walk(src), on_step)
             if labels:
                 write_tif(label_objects(res.mask), seg_path)
             else:
                 write_mask(res.mask, seg_path)
         else:
-            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, bars)
+            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
         plan = engine.plan(src.hw)
@@ -118,7 +123,8 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
 
 
 def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path, labels: bool,
-                   chunk: int, client: object | None, threads: int, bars: bool):
+                   chunk: int, client: object | None, threads: int,
+                   on_step: Callable[[Progress], None] | None):
     """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place."""
     partial = omezarr.partial_path(seg_path)
     scratch = seg_path.with_name(f".{seg_path.name}.scratch")
@@ -128,11 +134,10 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
         scratch.mkdir(parents=True, exist_ok=True)
         output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads,
                                source_path=str(path.resolve()))
-        with StageBars(bars) as show:
-            res = drive(engine.walk(src, output=output), show)
-            if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
-                n = drive(relabel_chunked(image.levels[0], chunk), show)
-                omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
+        res = drive(engine.walk(src, output=output), on_step)
+        if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
+            n = drive(relabel_chunked(image.levels[0], chunk), on_step)
+            omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)
@@ -144,16 +149,22 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
 
 
 # -- inputs ----------------------------------------------------------------------------------
+IMAGE_KINDS = "png, jpg, tif, OME-TIFF, SVS, NDPI, OME-Zarr"
+
+
 def list_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files and OME-Zarr folders named by ``inputs`` (folders are searched one level), and
-    the inputs that do not exist (reported and skipped, not fatal)."""
+    the inputs that give none (missing, or a folder without images: reported and skipped, not fatal)."""
     files: list[Path] = []
     missing: list[tuple[Path, str]] = []
     for p in inputs:
         if is_ome_zarr(p) or p.is_file():
             files.append(p)
         elif p.is_dir():
-            files.extend(q for q in sorted(p.iterdir()) if is_image_path(q))
+            found = [q for q in sorted(p.iterdir()) if is_image_path(q)]
+            if not found:
+                missing.append((p, f"{p}: a folder without image files ({IMAGE_KINDS})"))
+            files.extend(found)
         else:
             missing.append((p, f"{p}: no such file or folder"))
     return files, missing
@@ -176,6 +187,44 @@ def is_done(out: Path, path: Path, labels: bool) -> bool:
     return boxes.is_file() and any(output_paths(out, stem, z, labels)[0].exists() for z in (False, True))
 
 
+# -- what a rerun redoes -------------------------------------------------------------------------
+def plan_work(files: Sequence[Path], out: Path, manifest: Manifest, recipe: Recipe,
+              overwrite: bool) -> tuple[list[Path], list[str]]:
+    """The files to segment, and one line per group of finished images: skipped (same model and
+    options) or made again (and why). Unfinished images are redone without a word, as before."""
+    todo: list[Path] = []
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        if not is_done(out, f, recipe.labels):
+            todo.append(f)
+            continue
+        why = "--overwrite" if overwrite else manifest.why_redo(stem_of(f), f, recipe)
+        groups.setdefault(why or "", []).append(f)
+        if why is not None:
+            todo.append(f)
+    notes = [manifest.problem] if manifest.problem else []
+    for why, group in groups.items():
+        names = _names(group)
+        if why:
+            notes.append(f"{len(group)} finished image(s) in {out} made again: {why}: {names}")
+        else:
+            notes.append(f"{len(group)} image(s) already done in {out} with the same model and options; "
+                         f"skipping them (--overwrite makes them again): {names}")
+    return todo, notes
+
+
+def _names(files: Sequence[Path], shown: int = 5) -> str:
+    names = ", ".join(f.name for f in files[:shown])
+    return names + (f" and {len(files) - shown} more" if len(files) > shown else "")
+
+
+def unfinish(out: Path, path: Path) -> None:
+    """Before an image is made again: its boxes file goes first, so that until the new one is
+    written the image counts as unfinished (a kill in between never pairs old and new files)."""
+    output_paths(out, stem_of(path))[1].unlink(missing_ok=True)
+
+
+# -- the command ---------------------------------------------------------------------------------
 def default_model_arg() -> str | None:
     return DEFAULT_MODEL_NAME if bundled_model_path().is_file() else None
 
@@ -186,17 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segthenseg-predict",
         description="Segment images and whole slides with Segment-then-Segment. Writes DIR/<stem>_mask.tif "
                     "(uint8 0/1), or DIR/<stem>_mask.ome.zarr for slides, and DIR/<stem>.boxes.csv per "
-                    "image; napari opens both. A rerun skips finished images. Exit status 1 if any input "
-                    "was skipped, 3 if the disk filled up.")
+                    "image; napari opens both. A rerun skips the images already made with the same model "
+                    "and options. Exit status 1 if any input was skipped, 2 for a usage error, 3 if the "
+                    "disk filled up.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                    help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI), OME-Zarr folders, or folders "
                         "of these")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
-    p.add_argument("--model", default=default,
-                   help="model file, or 'default' for the bundled nuclei model (dsb2018 fluorescence, "
-                        "brightfield and H&E)" + (" (the default)" if default else
-                                                  " (required: no bundled model is installed)"))
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--model", default=default, metavar="MODEL",
+                   help="a model file, a training run's folder (its model.pt), or 'default': the bundled "
+                        "nuclei model, trained on dsb2018 fluorescence, bright-field and H&E images; "
+                        + ("default: default" if default else "required, as no bundled model is installed"))
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--rough-scale", type=float, default=None, metavar="PX",
                    help="image px per rough-net px: tile the rough pass at this scale instead of the one "
                         "recorded in the model file (docs/WHOLE_SLIDES.md)")
@@ -204,11 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write instance labels (one id per object, uint16/uint32) instead of a 0/1 mask")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help=f"segmentation file type; auto: OME-Zarr above {LARGE_IMAGE_PX // 2**20} Mpx, "
-                        "else TIFF")
-    p.add_argument("--chunk", type=int, default=CHUNK, help="OME-Zarr chunk side in px")
+                        "else TIFF (default: auto)")
+    p.add_argument("--chunk", type=int, default=CHUNK, metavar="PX",
+                   help="OME-Zarr chunk side in px (default: %(default)s)")
     p.add_argument("--report", type=Path, metavar="JSONL",
                    help="append one JSON line per image: size, rough plan, boxes, stage seconds, network px")
-    p.add_argument("--threads", type=int, default=2, help="local threads working on OME-Zarr chunks")
+    p.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="local threads working on OME-Zarr chunks (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="make every image again, even those already made with the same model and options")
     cluster = p.add_mutually_exclusive_group()
     cluster.add_argument("--workers", type=int, metavar="N",
                          help="start a local dask.distributed cluster of N worker processes for the chunks")
@@ -239,12 +293,15 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         raise CliError("no bundled default model is installed; pass --model FILE")
     if args.chunk < 64:
         raise CliError("--chunk must be at least 64")
+    check_output(args.out, "--out", folder=True)
+    check_output(args.report, "--report")
     files, skipped = list_inputs(args.inputs)
     for _, reason in skipped:
         print(f"skipped {reason}", file=sys.stderr)
     if not files:
-        raise CliError("no image files (png, jpg, tif, OME-TIFF, SVS, NDPI, OME-Zarr) in the inputs")
+        raise CliError(f"no image files ({IMAGE_KINDS}) in {', '.join(str(p) for p in args.inputs)}")
     check_unique_stems(files)
+    model_file = model_path(args.model)
     engine = open_engine(args.model, args.device)
     try:
         engine.rough_scale = args.rough_scale
@@ -253,25 +310,31 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
     if engine.model.rough is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
                        "use the napari plugin to draw boxes")
-    name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else args.model
-    print(f"model: {name} ({engine.model.describe()}) on {engine.device}", file=sys.stderr)
+    name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else str(model_file)
+    recipe = Recipe(args.model, file_sha256(model_file), args.rough_scale, args.labels, args.format,
+                    args.chunk)
+    print(f"model: {name} ({engine.model.describe()}; SHA-256 {recipe.model_sha256[:12]}…) on "
+          f"{engine.device}", file=sys.stderr)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create output folder {args.out}: {exc}") from exc
     if clean_leftovers(args.out):
         print(f"removed unfinished outputs of an interrupted run in {args.out}", file=sys.stderr)
-    todo = [f for f in files if not is_done(args.out, f, args.labels)]
-    if len(todo) < len(files):
-        print(f"{len(files) - len(todo)} image(s) already done in {args.out}; skipping them", file=sys.stderr)
+    manifest = Manifest(args.out)
+    todo, notes = plan_work(files, args.out, manifest, recipe, args.overwrite)
+    for note in notes:
+        print(note, file=sys.stderr)
     written = 0
     with ExitStack() as stack:
         client = open_client(args, stack)
-        bar = tqdm(todo, desc="segmenting", unit="image", disable=None, file=sys.stderr)
-        for f in bar:
+        progress = CommandProgress(todo, "segmenting", "image", name=lambda f: f.name)
+        for f in progress:
             try:
-                predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
-                             args.threads, bars=not bar.disable, report=args.report)
+                unfinish(args.out, f)
+                seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
+                                          args.threads, on_step=progress.on_step, report=args.report)
+                manifest.record(stem_of(f), recipe.entry(f, [seg, boxes], seg.name.endswith(".ome.zarr")))
                 written += 1
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -279,10 +342,10 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                                    "image(s) were written and are complete; free space and run the same "
                                    "command again to do the rest") from exc
                 skipped.append((f, _reason(f, exc)))
-                tqdm.write(f"skipped {_reason(f, exc)}", file=sys.stderr)
+                progress.write(f"skipped {_reason(f, exc)}")
             except (ImageFileError, ImageReadError, ValueError, MemoryError) as exc:
                 skipped.append((f, _reason(f, exc)))
-                tqdm.write(f"skipped {_reason(f, exc)}", file=sys.stderr)
+                progress.write(f"skipped {_reason(f, exc)}")
     return written, skipped
 
 

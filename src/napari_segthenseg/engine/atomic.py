@@ -43,3 +43,28 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     with atomic_write(path) as fh:
         fh.write(data)
     return Path(path)
+
+
+def output_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why ``path`` could not be written as a file (or made as a folder), or None when it can.
+
+    Checked before long work starts, so that a bad output path is reported at once instead of
+    after the work (and nothing is created here: a refused run leaves no trace).
+    """
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not os.access(path if folder else path.parent, os.W_OK):
+            return f"{path if folder else path.parent} is not writable"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder above
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder, so {path} cannot be made"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable, so {path} cannot be made"
+    return None

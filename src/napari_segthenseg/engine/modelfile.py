@@ -34,6 +34,7 @@ FORMAT = "napari-segthenseg/model"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DEFAULT_MODEL_NAME = "default"
+RUN_MODEL_NAME = "model.pt"  # what segthenseg-train writes into its --out folder
 
 
 class ModelFileError(ValueError):
@@ -147,7 +148,8 @@ def bundled_model_path() -> Path:
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """``"default"`` names the bundled model; anything else is a file path."""
+    """``"default"`` names the bundled model; a training run's folder means its ``model.pt`` (the
+    one rule for every command and the plugin); anything else is a file path."""
     if str(path) == DEFAULT_MODEL_NAME:
         p = bundled_model_path()
         if not p.is_file():
@@ -155,7 +157,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         return p
     p = Path(path)
     if p.is_dir():
-        raise ModelFileError(f"{p} is a folder, not a model file (a training run writes DIR/model.pt)")
+        if (p / RUN_MODEL_NAME).is_file():
+            return p / RUN_MODEL_NAME
+        raise ModelFileError(f"{p} is a folder without a {RUN_MODEL_NAME}, not a model file (a training run "
+                             f"writes DIR/{RUN_MODEL_NAME})")
     if not p.is_file():
         raise FileNotFoundError(f"model file not found: {p}")
     return p

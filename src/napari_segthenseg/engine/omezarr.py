@@ -28,7 +28,7 @@ from .grid import CHUNK
 MIN_LEVEL_SIDE = 512  # the pyramid stops when a level fits in this many pixels
 NGFF_VERSION = "0.4"
 OUR_KEY = "segthenseg"  # our own entries in the group's attributes
-MASK_COLOUR = [255, 0, 255, 255]  # magenta: unlike the blues and yellows of the other layers
+MASK_COLOUR = [255, 59, 48, 255]  # red (#ff3b30): the plugin's first segmentation colour (plugin/layers.py)
 
 
 @dataclass

@@ -16,18 +16,21 @@ import numpy as np
 
 from ..engine.boxes import clip_boxes, label_objects
 from ..engine.limits import LARGE_IMAGE_PX
+from ..engine.omezarr import MASK_COLOUR
 
 RECTANGLE = "rectangle"
 # Three layers that must not be mistaken for one another at a glance: the rough mask is one blue
-# (a coarse blob map, not instances), the boxes are yellow (their edges stand out on dark
-# fluorescence, grey and H&E images), and the segmentation cycles through reds, oranges, pinks and
-# greens only, so that no nucleus is blue like the rough mask or yellow like a box edge.
+# (a coarse blob map, not instances), nearly opaque under a half-transparent segmentation so that
+# it shows through; the boxes are yellow (their edges stand out on dark fluorescence, grey and H&E
+# images), and the segmentation cycles through reds, oranges, pinks and greens only, so that no
+# nucleus is blue like the rough mask or yellow like a box edge. Its first colour is the red that
+# predict's and the plugin's OME-Zarr label images store for label 1 (engine.omezarr.MASK_COLOUR).
 BOX_COLOUR = "#ffe600"
 ROUGH_COLOUR = "#3d8bff"
-ROUGH_OPACITY = 0.6
-SEG_COLOURS = ("#ff3b30", "#2ee65c", "#ff4fd8", "#ff9500", "#00c98d", "#ff6f91", "#7ee787", "#e0301e",
-               "#ffa36c", "#1fa84f", "#ff2e97")
-SEG_OPACITY = 0.7
+ROUGH_OPACITY = 0.9
+SEG_COLOURS = ("#{:02x}{:02x}{:02x}".format(*MASK_COLOUR[:3]), "#2ee65c", "#ff4fd8", "#ff9500", "#00c98d",
+               "#ff6f91", "#7ee787", "#e0301e", "#ffa36c", "#1fa84f", "#ff2e97")
+SEG_OPACITY = 0.55
 KIND = "segthenseg"  # metadata key marking the layers this plugin made
 STORE_KEY = "segthenseg_store"  # metadata key: the OME-Zarr folder behind a slide's segmentation
 BOXES_FILE_KEY = "segthenseg_boxes_file"  # metadata key: a boxes file too large to draw whole

@@ -93,8 +93,8 @@ class SegThenSegWidget(Container):
         self.scale_info = Label(value="")
         self.segmentation = ComboBox(
             label="segmentation layer", choices=self._layer_choices(Labels), nullable=True, value=None,
-            tooltip="Slides: a saved OME-Zarr segmentation to continue with the boxes layer (edits "
-                    "then re-segment only what they touch); empty: segment the boxes anew")
+            tooltip="Slides only: a saved OME-Zarr segmentation of this slide to continue with the boxes "
+                    "layer (edits then re-segment only what they touch); empty: segment the boxes anew")
         self.live = CheckBox(text="re-segment boxes when edited", value=True)
         self.run_button = PushButton(text="Run")
         self.segment_button = PushButton(text="Segment boxes", tooltip="Segment the boxes layer now "
@@ -130,6 +130,7 @@ class SegThenSegWidget(Container):
         self.segment_button.changed.connect(self.update_boxes)
         self.save_button.changed.connect(self._ask_save)
         self.image.changed.connect(self._show_scale)
+        self.image.changed.connect(self._show_segmentation_choice)
         self.rough_scale.changed.connect(self._show_scale)
         self.segmentation.changed.connect(self._on_segmentation_chosen)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -140,6 +141,7 @@ class SegThenSegWidget(Container):
             self.model_info.value = "no model loaded"
             show_info("Segment-then-Segment: no default model is installed; use 'Load model file…'.")
         self._show_scale()
+        self._show_segmentation_choice()
 
     # -- choices -----------------------------------------------------------------------------
     def _layer_choices(self, kind: type):
@@ -156,18 +158,24 @@ class SegThenSegWidget(Container):
 
     # -- model -------------------------------------------------------------------------------
     def load_model_file(self, path: str | Path) -> bool:
-        """Load a model file, add it to the picker and select it; errors become notifications."""
+        """Load a model file (or a training run folder's model.pt), add it to the picker and
+        select it; errors become notifications."""
         key = str(path)
         try:
-            self._models[key] = load_model(key)
+            model = load_model(key)
         except (ModelFileError, FileNotFoundError, OSError, ValueError) as exc:
             show_error(f"Segment-then-Segment: cannot load model: {exc}")
             return False
+        self.use_model(key, model)
+        return True
+
+    def use_model(self, key: str, model: StSModel) -> None:
+        """Add a loaded model to the picker under ``key`` (its path) and select it."""
+        self._models[key] = model
         with self.model.changed.blocked():
             self.model.reset_choices()
             self.model.value = key
         self._select_model(key)
-        return True
 
     def _ask_model_file(self) -> None:
         from qtpy.QtWidgets import QFileDialog
@@ -200,6 +208,17 @@ class SegThenSegWidget(Container):
             self.mode.value = BY_HAND
         self.mode.enabled = model.rough is not None and model.fine is not None
         self._show_scale()
+
+    def _show_segmentation_choice(self, _=None) -> None:
+        """The saved-segmentation picker continues a slide: shown only when the image is one (an
+        empty picker on an ordinary image reads as a missing result)."""
+        layer, slide = self.image.value, False
+        if layer is not None:
+            try:
+                slide = is_slide(layer, image_plane(layer, tuple(self.viewer.dims.point))[1])
+            except ValueError:  # not a 2D+ image: nothing to continue
+                slide = False
+        self.segmentation.visible = slide
 
     # -- rough scale -------------------------------------------------------------------------
     @property
