@@ -16,11 +16,17 @@ from napari_segthenseg.engine.image import NORMALISATIONS
 
 DEFAULT_SEED = 2022  # the paper's seed: weights, splits, holdout, sampling, jitter, augmentation
 STAGES = ("rough", "fine", "both")
-SELECT_ON = ("holdout", "val")
+SELECT_ON = ("holdout", "val", "last", "auto")
 HOLDOUT_FRACTION = 0.1
+# A fine-tune (``--from-model``) starts from a trained model: fewer epochs, unless given (docs/TRAINING.md,
+# Fine-tuning). Its epochs hold at least FINE_TUNE_MIN_BATCHES full batches (few images repeat).
+FINE_TUNE_DEFAULTS = {"epochs": 30, "fine_epochs": 15, "lr": 1e-4, "select_on": "auto"}
+FINE_TUNE_MIN_BATCHES = 10
+MIN_HOLDOUT_IMAGES = 20  # --select-on auto: a holdout from this many train images on, else the last epoch
 # Settings a resumed run must share with its checkpoint (epochs may grow, device may change).
 RESUME_KEYS = ("data", "size", "width", "depth", "batch_size", "lr", "stage", "seed", "select_on",
-               "pad", "min_box", "normalisation", "augment", "init", "val_crops_per_image")
+               "pad", "min_box", "normalisation", "augment", "init", "val_crops_per_image", "from_model",
+               "stain_jitter", "colour_jitter", "invert")
 
 
 @dataclass
@@ -36,6 +42,8 @@ class TrainConfig:
     lr: float = 5e-4
     stage: str = "both"
     init: Path | None = None  # model file whose rough net starts the fine stage (``--stage fine``)
+    from_model: str | None = None  # fine-tune: a model file, run folder or "default" starts the nets
+    minutes: float | None = None  # stop after this many minutes of training, keeping the best so far
     select_on: str = "holdout"
     device: str = "auto"
     workers: int = 0
@@ -46,6 +54,9 @@ class TrainConfig:
     normalisation: str = "minmax"
     val_crops_per_image: int = 8
     augment: bool = True
+    stain_jitter: float = 0.0  # probabilities of the colour augmentations (augment.py), 0 = off
+    colour_jitter: float = 0.0
+    invert: float = 0.0
     resume: bool = False
     command: str = ""
 
@@ -68,6 +79,16 @@ class TrainConfig:
             raise ValueError("--fine-epochs must be at least 1")
         if not self.lr > 0:
             raise ValueError("--lr must be positive")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError("--minutes must be positive")
+        if self.init is not None and self.from_model is not None:
+            raise ValueError("--init and --from-model exclude each other: --from-model starts both networks")
+        for name in ("stain_jitter", "colour_jitter", "invert"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a probability: between 0 and 1")
+        if self.normalisation == "none" and (self.stain_jitter or self.colour_jitter or self.invert):
+            raise ValueError("the colour augmentations need intensities in [0, 1]: use --normalisation "
+                             "minmax or dtype")
         if self.workers < 0 or self.threads < 0:
             raise ValueError("--workers and --threads cannot be negative")
         if self.pad is not None and self.pad < 0:
@@ -76,6 +97,11 @@ class TrainConfig:
             resolve_device(self.device)  # "cuda:1" is fine; an unknown or absent device is not
         except ValueError as exc:
             raise ValueError(f"--device: {exc}") from None
+
+    @property
+    def fine_tune(self) -> bool:
+        """Whether the networks start from a model file (``--from-model``)."""
+        return self.from_model is not None
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -115,8 +141,18 @@ OPTIONS: dict[str, Option] = {
     "stage": Option("which network(s) to train", choices=STAGES),
     "init": Option("with --stage fine: model file whose rough net starts the fine net (and ships with it)",
                    default_text="none", metavar="MODEL"),
+    "from_model": Option("fine-tune: start the network(s) of --stage from this model file, run folder or "
+                         "'default' (the bundled model), keeping its S, padding, channels, normalisation, "
+                         "width, depth and trained scale; fine-tune defaults "
+                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINE_TUNE_DEFAULTS.items())
+                         + " (docs/TRAINING.md)", default_text="none: from scratch",
+                         metavar="MODEL"),
+    "minutes": Option("stop after this many minutes of training (the stages share them by their epochs) "
+                      "and keep the best model so far", default_text="no limit", metavar="N"),
     "select_on": Option(f"checkpoint choice: a seeded {HOLDOUT_FRACTION:.0%} holdout of the train split "
-                        "(val stays unseen) or the val split", choices=SELECT_ON),
+                        "(val stays unseen), the val split, the last epoch (every train image trains), or "
+                        f"auto: a holdout from {MIN_HOLDOUT_IMAGES} train images on, else the last epoch",
+                        choices=SELECT_ON),
     "device": Option("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", metavar="NAME"),
     "workers": Option("DataLoader processes cutting fine-stage crops", metavar="N"),
     "threads": Option("CPU threads per process; 1 is fastest on a busy shared CPU",
@@ -129,6 +165,13 @@ OPTIONS: dict[str, Option] = {
     "normalisation": Option("intensity normalisation (stored in the model)", choices=NORMALISATIONS),
     "val_crops_per_image": Option("fixed objects per selection image for the fine stage's validation Dice",
                                   metavar="N"),
-    "augment": Option("turn the paper's augmentation off (it is on by default)"),
+    "augment": Option("turn the paper's augmentation off (it is on by default; also turns off the colour "
+                      "augmentations)"),
+    "stain_jitter": Option("probability of an H&E/DAB stain jitter per image (brightfield colour)",
+                           metavar="P"),
+    "colour_jitter": Option("probability of a brightness/contrast/saturation/hue jitter per image",
+                            metavar="P"),
+    "invert": Option("probability of inverting an image (dark nuclei on light ground and the reverse)",
+                     metavar="P"),
     "resume": Option("continue the run in --out from its last good checkpoint"),
 }

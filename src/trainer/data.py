@@ -99,6 +99,12 @@ def _pairs(root: Path) -> dict[str, tuple[Path, Path | None]]:
     """``stem -> (image, mask or None)`` for a data folder."""
     root = Path(root)
     img_dir, mask_dir = root / "images", root / "masks"
+    if root.is_dir() and not img_dir.is_dir():
+        loose = sum(1 for q in root.iterdir() if is_image_file(q))
+        if loose:
+            raise DataError(f"{root} holds {loose} image file(s) but no images/ and masks/ folders: a data "
+                            "folder holds images/NAME.png and, for each, masks/NAME.png of the same size "
+                            "(anything > 0 is foreground; docs/TRAINING.md)")
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise DataError(f"{d}: folder not found (a data folder holds images/ and masks/)")

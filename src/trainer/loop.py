@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from napari_segthenseg.engine import (
@@ -29,10 +29,11 @@ from napari_segthenseg.engine import (
 )
 from napari_segthenseg.engine.atomic import output_problem, write_bytes
 from napari_segthenseg.engine.modelfile import RUN_MODEL_NAME
+from napari_segthenseg.engine.progress import Progress, Steps, drive
 from napari_segthenseg.engine.scale import TrainedScale
 
 from . import distributed as ddp
-from .augment import augment_batch
+from .augment import AugmentSettings, augment_batch
 from .checkpoint import (
     CHECKPOINT_NAME,
     PREVIOUS_NAME,
@@ -47,7 +48,7 @@ from .checkpoint import (
     write_failed,
     write_metrics_csv,
 )
-from .config import HOLDOUT_FRACTION, RESUME_KEYS, TrainConfig
+from .config import FINE_TUNE_MIN_BATCHES, HOLDOUT_FRACTION, MIN_HOLDOUT_IMAGES, RESUME_KEYS, TrainConfig
 from .data import (
     SPLITS_NAME,
     DataError,
@@ -56,11 +57,14 @@ from .data import (
     check_has_both_classes,
     fingerprint,
     fingerprint_changes,
+    has_splits_file,
+    image_stems,
     load_splits,
     load_stems,
     scan_stems,
     shared_images,
 )
+from .finetune import Parent, fingerprint_digest, load_parent
 from .gtcrops import FineData, Prepared, RoughData, fixed_crops, network_channels, prepare
 from .losses import dice_per_item, soft_dice_loss
 
@@ -71,6 +75,9 @@ METRICS_NAME = "metrics.csv"
 WRITTEN = (CHECKPOINT_NAME, PREVIOUS_NAME, MODEL_NAME, METRICS_NAME, SPLITS_NAME)
 VAL_BATCH = 64
 MIN_STAGE_STEPS = 100  # fewer optimizer steps than this in a stage of one-step epochs: warned about
+# A fine-tune's epochs are often one optimizer step, and writing a checkpoint (about 50 MB at width 16)
+# after each would take a third of its time: it writes one at most this often, and at the end.
+FINE_TUNE_SAVE_EVERY_S = 30.0
 log = logging.getLogger("trainer")
 
 
@@ -104,9 +111,9 @@ class DataPlan:
     """The images of a run: what trains, what chooses checkpoints, and every split (saved with the run)."""
 
     train: list[Sample]
-    select: list[Sample]
+    select: list[Sample]  # empty when the last epoch is kept
     select_desc: str
-    select_name: str  # "holdout" or "val": the key of the selection set in ``splits``
+    select_name: str  # "holdout", "val" or "last" (no selection set): the key of the selection set
     splits: dict[str, list[str]]  # the run's splits.json: train (trained on), holdout, val, test, ...
     fingerprint: dict[str, dict[str, str]]  # train and selection images: stem -> size and content digest
     checked: dict[str, int]  # images decoded and checked, per split
@@ -121,28 +128,45 @@ def holdout_indices(stems: list[str], seed: int) -> set[int]:
     return {order[i] for i in perm[:n_hold]}
 
 
+def resolve_select_on(select_on: str, n_train: int) -> str:
+    """``auto``: a holdout when the train split has ``MIN_HOLDOUT_IMAGES`` or more images, else the
+    last epoch (a holdout of one image of a few costs a large share of them and chooses on noise)."""
+    if select_on != "auto":
+        return select_on
+    return "holdout" if n_train >= MIN_HOLDOUT_IMAGES else "last"
+
+
 def plan_data(cfg: TrainConfig) -> DataPlan:
     """Decode and check every split; return the training and checkpoint-selection samples.
 
     ``holdout`` keeps a seeded 10 % of the train split out of training for choosing checkpoints,
-    so the val split stays unseen for reporting; ``val`` selects on the val split (the paper's way).
-    The other splits (e.g. test) are decoded and checked too, but not kept in memory.
+    so the val split stays unseen for reporting; ``val`` selects on the val split (the paper's way);
+    ``last`` trains on the whole train split and keeps the last epoch. A fine-tune of a folder
+    without ``splits.json`` trains on all its images. The other splits (e.g. test) are decoded and
+    checked too, but not kept in memory.
     """
-    splits = load_splits(cfg.data, cfg.seed)
-    for name in ("train", "val") if cfg.select_on == "val" else ("train",):
+    if cfg.fine_tune and not has_splits_file(cfg.data):
+        splits = {"train": image_stems(cfg.data)}  # the images a user corrected are there to train on
+    else:
+        splits = load_splits(cfg.data, cfg.seed)
+    select_on = resolve_select_on(cfg.select_on, len(splits.get("train") or []))
+    for name in ("train", "val") if select_on == "val" else ("train",):
         if not splits.get(name):
             what = "no" if name not in splits else "an empty"
             names = ", ".join(sorted(splits)) or "none"
             raise DataError(f"{cfg.data}: {what} {name!r} split (splits: {names})"
                             + ("; use --select-on holdout" if name == "val" else ""))
     train = load_stems(cfg.data, splits["train"])
-    if cfg.select_on == "val":
+    if select_on == "val":
         select, select_name, desc = load_stems(cfg.data, splits["val"]), "val", "the val split"
         kept = train
+    elif select_on == "last":
+        select, select_name, kept = [], "last", train
+        desc = f"none (the last epoch is kept; all {len(train)} train image(s) train)"
     else:
         if len(train) < 2:
             raise DataError(f"{cfg.data}: the train split has {len(train)} image(s); a holdout needs at "
-                            "least 2 (or use --select-on val)")
+                            "least 2 (or use --select-on last or val)")
         hold = holdout_indices([s.stem for s in train], cfg.seed)
         select = [s for i, s in enumerate(train) if i in hold]
         kept = [s for i, s in enumerate(train) if i not in hold]
@@ -152,19 +176,35 @@ def plan_data(cfg: TrainConfig) -> DataPlan:
     if select_name == "holdout":
         run_splits["holdout"] = [s.stem for s in select]
     run_splits.update({k: list(v) for k, v in splits.items() if k not in run_splits})
-    infos = {"train": [ImageInfo.of(s) for s in kept], select_name: [ImageInfo.of(s) for s in select]}
+    infos = {"train": [ImageInfo.of(s) for s in kept]}
+    if select_name != "last":
+        infos[select_name] = [ImageInfo.of(s) for s in select]
     for name, stems in run_splits.items():
         if name not in infos and stems:
             infos[name] = scan_stems(cfg.data, stems)  # decoded and checked now, not at evaluation
     check_has_both_classes(infos["train"], f"the {len(kept)} training images")
     return DataPlan(kept, select, desc, select_name, run_splits,
-                    fingerprint({"train": infos["train"], "selection": infos[select_name]}),
+                    fingerprint({"train": infos["train"], "selection": infos.get(select_name, [])}),
                     {k: len(v) for k, v in infos.items()}, shared_images(infos, "train"))
 
 
 def epoch_seed(cfg: TrainConfig, stage: str, epoch: int, rank: int) -> int:
     """Every epoch draws from its own seed, so a resumed run repeats exactly what was lost."""
     return (cfg.seed * 1_000_003 + (0 if stage == "rough" else 500_009) + epoch * 1009 + rank) % 2**63
+
+
+class Cycled(Dataset):
+    """``data`` repeated to ``length`` items (item ``i`` is ``data[i % len(data)]``): a fine-tune on
+    fewer images than a batch still trains on full batches, each repeat a fresh crop and augmentation."""
+
+    def __init__(self, data: Dataset, length: int):
+        self.data, self.length = data, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i % len(self.data)]
 
 
 class Run:
@@ -180,8 +220,18 @@ class Run:
         self.wall_before = 0.0
         self.t0 = time.perf_counter()
         self.init_scale: TrainedScale | None = None  # --init's recorded scale (its rough net ships)
+        self.parent: Parent | None = None  # --from-model: the model this run fine-tunes
         self.saved: tuple[str, int] | None = None  # stage and epoch of the last checkpoint on disk
         self.warnings: list[str] = []  # repeated in the final summary line
+        self.augment = AugmentSettings(p_stain=cfg.stain_jitter, p_colour=cfg.colour_jitter,
+                                       p_invert=cfg.invert)
+        self.save_every = FINE_TUNE_SAVE_EVERY_S if cfg.fine_tune else 0.0
+        self.last_save = -math.inf  # perf_counter of the last checkpoint
+        self.model_stale = False  # a stage improved since model.pt was written
+        self.deadline: float | None = None  # perf_counter at which the running stage stops (--minutes)
+        self.stopped: dict[str, int] = {}  # stage -> the epoch after which --minutes stopped it
+        self.epochs_done = 0  # over all stages, for progress
+        self.last_line = ""  # the last epoch's summary, for progress
 
     # -- data ----------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -189,7 +239,9 @@ class Run:
         t = time.perf_counter()
         self.plan = plan = plan_data(cfg)
         train, select, self.select_desc = plan.train, plan.select, plan.select_desc
-        self.channels = network_channels(train + select)
+        # A fine-tune keeps its parent's channels (gray is repeated to RGB, RGB averaged to gray).
+        self.channels = (self.parent.model.settings.in_channels if self.parent is not None
+                         else network_channels(train + select))
         prep = lambda s: prepare(s, cfg.size, self.channels, cfg.normalisation, cfg.min_box)  # noqa: E731
         self.train_items: list[Prepared] = [prep(s) for s in train]
         self.select_items: list[Prepared] = [prep(s) for s in select]
@@ -229,6 +281,9 @@ class Run:
     def validation_set(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's shard of the selection set for ``stage`` (S x S images or fixed crops)."""
         cfg = self.cfg
+        if not self.select_items:  # --select-on last
+            empty = torch.zeros(0, self.channels, cfg.size, cfg.size)
+            return empty, empty[:, :1]
         if stage == "rough":
             data = RoughData(self.select_items)
             x, y = data.x, data.y
@@ -252,6 +307,25 @@ class Run:
             return copy.deepcopy(self.nets["rough"])
         log.warning("no rough net to start the fine net from (give --init MODEL); random start")
         return self.new_net()
+
+    def load_parent(self) -> None:
+        """``--from-model MODEL``: its networks start the stages this run trains, and those it does
+        not train ship as they are (before the data: its channels decide how images are read)."""
+        cfg = self.cfg
+        if cfg.from_model is None:
+            return
+        self.parent = parent = load_parent(cfg.from_model)
+        model = parent.model
+        if "rough" in cfg.stages and model.rough is None:
+            raise ValueError(f"--from-model {parent.name} has no rough network to fine-tune; "
+                             "use --stage fine")
+        if model.fine is None and "fine" in cfg.stages:
+            log.info("--from-model %s has no fine network: the fine stage starts from the rough net",
+                     parent.name)
+        self.nets = {"rough": model.rough, "fine": model.fine}
+        self.init_scale = model.settings.trained_scale
+        log.info("fine-tuning %s (%s, SHA-256 %s): %s", ", ".join(cfg.stages), parent.name,
+                 parent.sha256[:16], model.describe())
 
     def load_init(self) -> None:
         """``--init MODEL``: its rough net starts the fine stage and ships in the output model."""
@@ -278,16 +352,32 @@ class Run:
 
     def write_model(self) -> Path:
         cfg = self.cfg
+        images = len(self.train_items) + len(self.select_items)
         notes = {
-            "command": cfg.command, "select_on": cfg.select_on, "selection_set": self.select_desc,
+            "command": cfg.command, "select_on": self.plan.select_name, "selection_set": self.select_desc,
             "train_images": len(self.train_items), "selection_images": len(self.select_items),
+            "images": images, "data_fingerprint": fingerprint_digest(self.plan.fingerprint),
             "width": cfg.width, "depth": cfg.depth, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "epochs": {s: cfg.epochs_for(s) for s in cfg.stages}, "seed": cfg.seed,
             "augment": cfg.augment, "wall_s": round(self.wall(), 1), "world_size": self.info.world,
             "best": {s: {"epoch": b["epoch"], "dice": b["dice"]} for s, b in self.best.items() if b},
         }
+        if cfg.augment and (cfg.stain_jitter or cfg.colour_jitter or cfg.invert):
+            notes["colour_augment"] = {"stain_jitter": cfg.stain_jitter, "colour_jitter": cfg.colour_jitter,
+                                       "invert": cfg.invert}
+        if cfg.minutes is not None:
+            notes["minutes"] = cfg.minutes
+            notes["stopped"] = dict(self.stopped)  # stage -> epoch after which the time was up
+        trained_on, threshold = f"{cfg.data.name} train split", 0.5
+        if self.parent is not None:
+            notes["parent"] = self.parent.record()
+            notes["tuned"] = list(cfg.stages)
+            s = self.parent.model.settings
+            threshold = s.threshold
+            trained_on = (f"{s.trained_on or self.parent.name}; fine-tuned on {images} image(s) of "
+                          f"{cfg.data.name}")
         settings = ModelSettings(size=cfg.size, in_channels=self.channels, pad=self.pad, min_box=cfg.min_box,
-                                 normalisation=cfg.normalisation, trained_on=f"{cfg.data.name} train split",
+                                 normalisation=cfg.normalisation, threshold=threshold, trained_on=trained_on,
                                  trained_scale=self.trained_scale(), notes=notes)
         model = StSModel(settings, self.best_or_current("rough"), self.best_or_current("fine"))
         path = self.out / MODEL_NAME
@@ -296,12 +386,16 @@ class Run:
         except OSError as exc:
             raise self.write_error(exc, path) from None
 
-    def trained_scale(self) -> TrainedScale:
+    def trained_scale(self) -> TrainedScale | None:
         """The scale the shipped rough net learned: of this run's training images (the train split
-        minus the holdout), or ``--init``'s when its rough net ships and it recorded one."""
+        minus the holdout), or ``--init``'s when its rough net ships and it recorded one; a fine-tune
+        keeps its parent's, widened to the range of the images it was tuned on."""
+        mine = TrainedScale.from_sizes([it.source.hw for it in self.train_items], self.cfg.size)
+        if self.parent is not None and self.init_scale is not None:
+            return self.init_scale.covering(mine) if "rough" in self.cfg.stages else self.init_scale
         if self.init_scale is not None and "rough" not in self.cfg.stages:
             return self.init_scale
-        return TrainedScale.from_sizes([it.source.hw for it in self.train_items], self.cfg.size)
+        return mine
 
     def wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.t0
@@ -357,6 +451,9 @@ class Run:
             data, workers = RoughData(self.train_items), 0  # cached tensors: nothing to parallelise
         else:
             data, workers = FineData(self.train_items, cfg.size, self.channels, self.pad), cfg.workers
+        enough = FINE_TUNE_MIN_BATCHES * cfg.batch_size * self.info.world
+        if cfg.fine_tune and len(data) < enough:
+            data = Cycled(data, enough)  # a few images: an epoch of FINE_TUNE_MIN_BATCHES batches
         sampler = DistributedSampler(data, num_replicas=self.info.world, rank=self.info.rank, shuffle=True,
                                      seed=cfg.seed)
         return DataLoader(data, batch_size=self.batch_size(len(data)), sampler=sampler, num_workers=workers,
@@ -374,8 +471,11 @@ class Run:
         if batch < cfg.batch_size:
             log.info("%s stage: batch %d: --batch-size %d capped at the %d training item(s) per process",
                      stage, batch, cfg.batch_size, batch)
+        elif cfg.fine_tune and len(self.train_items) < items:
+            log.info("%s stage: the %d training image(s) repeat to fill %d batches of %d an epoch (new crops "
+                     "and augmentation each time)", stage, len(self.train_items), steps, batch)
         total = steps * cfg.epochs_for(stage)
-        if steps == 1 and total < MIN_STAGE_STEPS:
+        if steps == 1 and total < MIN_STAGE_STEPS and not cfg.fine_tune:  # a fine-tune starts trained
             flag = "--fine-epochs" if stage == "fine" and cfg.fine_epochs else "--epochs"
             epochs = cfg.epochs_for(stage)
             self.warn(f"an epoch of the {stage} stage is one optimizer step ({items} training item(s), "
@@ -395,39 +495,83 @@ class Run:
         loss_sum, dice_sum, n = ddp.all_sum([loss_sum, dice_sum, float(len(x))], self.info)
         return loss_sum / max(n, 1), dice_sum / max(n, 1)
 
+    # -- the time limit (--minutes) ------------------------------------------------------------
+    def set_deadline(self, stage: str, start: int) -> None:
+        """The running stage's share of the time left: in proportion to the epochs it and the later
+        stages have left (a stage that finishes early leaves its time to the next)."""
+        cfg = self.cfg
+        if cfg.minutes is None:
+            return
+        left = cfg.minutes * 60.0 - self.wall()
+        later = cfg.stages[cfg.stages.index(stage):]
+        epochs = {s: cfg.epochs_for(s) - (start if s == stage else 0) for s in later}
+        share = epochs[stage] / max(1, sum(epochs.values()))
+        self.deadline = time.perf_counter() + max(0.0, left) * share
+        log.info("%s stage: %.0f s of --minutes %g left, %.0f s for this stage", stage, max(0.0, left),
+                 cfg.minutes, max(0.0, left) * share)
+
+    def out_of_time(self) -> bool:
+        """Whether the running stage's time is up (every rank agrees, so none waits for another)."""
+        if self.deadline is None:
+            return False
+        late = time.perf_counter() >= self.deadline
+        if self.info.joined:
+            late = ddp.all_sum([float(late)], self.info)[0] > 0
+        return late
+
+    def progress(self, stage: str, epoch: int) -> Progress:
+        """Where the run is, for a progress bar: seconds of --minutes, else epochs of both stages."""
+        cfg = self.cfg
+        text = f"{stage} epoch {epoch}/{cfg.epochs_for(stage)}"
+        text += f"; {self.last_line}" if self.last_line else ""
+        if cfg.minutes is not None:
+            total = int(cfg.minutes * 60)
+            return Progress(text, min(int(self.wall()), total), total)
+        return Progress(text, self.epochs_done, sum(cfg.epochs_for(s) for s in cfg.stages))
+
+    # -- one stage -----------------------------------------------------------------------
     def train_epoch(self, stage: str, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    loader: DataLoader, sampler: DistributedSampler) -> dict:
+                    loader: DataLoader, sampler: DistributedSampler) -> Steps[dict]:
+        """One epoch, a progress step after each batch; cut short (after at least one batch) when the
+        stage's time is up."""
         cfg, dev = self.cfg, self.info.device
         sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(cfg, stage, epoch, self.info.rank))
         model.train()
-        loss_sum, items, data_s, net_s = 0.0, 0, 0.0, 0.0
+        loss_sum, items, data_s, net_s, late = 0.0, 0, 0.0, 0.0, False
         bar = tqdm(total=len(loader), desc=f"{stage} {epoch}/{cfg.epochs_for(stage)}", leave=False,
                    disable=not (self.info.is_main and sys.stderr.isatty()), unit="batch")
         t = time.perf_counter()
-        for x, y in loader:
-            # Augment where the network runs: on a GPU the warp is cheap, on the host it was the
-            # largest part of a step (benchmarks/results/train_gpu_*.json).
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if cfg.augment:
-                x, y = augment_batch(x, y)
-            t_net = time.perf_counter()
-            data_s += t_net - t
-            loss = soft_dice_loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(x)
-            items += len(x)
-            t = time.perf_counter()
-            net_s += t - t_net
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        bar.close()
+        try:
+            for x, y in loader:
+                # Augment where the network runs: on a GPU the warp is cheap, on the host it was the
+                # largest part of a step (benchmarks/results/train_gpu_*.json).
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if cfg.augment:
+                    x, y = augment_batch(x, y, self.augment)
+                t_net = time.perf_counter()
+                data_s += t_net - t
+                loss = soft_dice_loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(x)
+                items += len(x)
+                t = time.perf_counter()
+                net_s += t - t_net
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                yield self.progress(stage, epoch)
+                if self.out_of_time():
+                    late = True
+                    break
+        finally:
+            bar.close()
         loss_sum, n = ddp.all_sum([loss_sum, float(items)], self.info)
-        return {"train_loss": loss_sum / max(n, 1), "train_items": int(n), "data_s": data_s, "net_s": net_s}
+        return {"train_loss": loss_sum / max(n, 1), "train_items": int(n), "data_s": data_s, "net_s": net_s,
+                "late": late}
 
-    def run_stage(self, stage: str, start: int, opt_state: dict | None) -> None:
+    def run_stage(self, stage: str, start: int, opt_state: dict | None) -> Steps[None]:
         cfg, info = self.cfg, self.info
         epochs = cfg.epochs_for(stage)
         if start >= epochs:
@@ -448,32 +592,63 @@ class Run:
                  stage, start + 1, epochs, count_parameters(net), n_val, loader.batch_size, info.world,
                  info.device, f" (DDP, {dist.get_backend()})" if info.joined else "")
         self.check_steps(stage, len(loader.dataset), len(loader))
+        self.set_deadline(stage, start)
         for epoch in range(start + 1, epochs + 1):
+            if epoch > start + 1 and self.out_of_time():  # every stage trains at least one epoch
+                self.stopped[stage] = epoch - 1
+                break
             t = time.perf_counter()
-            row = self.train_epoch(stage, epoch, model, opt, loader, sampler)
-            row["val_loss"], row["val_dice"] = self.validate(net, vx, vy)
+            row = yield from self.train_epoch(stage, epoch, model, opt, loader, sampler)
+            if n_val:
+                row["val_loss"], row["val_dice"] = self.validate(net, vx, vy)
+            else:  # --select-on last: nothing to choose on; the latest epoch is the one kept
+                row["val_loss"] = row["val_dice"] = None
             seconds = time.perf_counter() - t
             best = self.best[stage]
-            improved = best is None or row["val_dice"] > best["dice"]
+            improved = best is None or row["val_dice"] is None or row["val_dice"] > best["dice"]
             if improved:
                 state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
                 self.best[stage] = best = {"epoch": epoch, "dice": row["val_dice"], "state": state}
+                self.model_stale = True
             self.metrics.append({
                 "stage": stage, "epoch": epoch, "train_loss": round(row["train_loss"], 6),
-                "val_loss": round(row["val_loss"], 6), "val_dice": round(row["val_dice"], 6),
-                "best_dice": round(best["dice"], 6), "best_epoch": best["epoch"], "lr": cfg.lr,
+                "val_loss": _rounded(row["val_loss"]), "val_dice": _rounded(row["val_dice"]),
+                "best_dice": _rounded(best["dice"]), "best_epoch": best["epoch"], "lr": cfg.lr,
                 "train_items": row["train_items"], "seconds": round(seconds, 3),
                 "data_s": round(row["data_s"], 3), "net_s": round(row["net_s"], 3),
                 "items_per_s": round(row["train_items"] / max(row["net_s"] + row["data_s"], 1e-9), 2),
             })
-            if info.is_main:
-                if improved:
+            self.epochs_done += 1
+            last = epoch == epochs or row["late"]
+            if info.is_main and (last or time.perf_counter() - self.last_save >= self.save_every):
+                if self.model_stale:
                     self.write_model()
+                    self.model_stale = False
                 self.checkpoint(stage, epoch, opt)
+                self.last_save = time.perf_counter()
             ddp.barrier(info)
-            log.info("%s epoch %d/%d: loss %.4f, val loss %.4f, val Dice %.4f%s (best %.4f @ %d), %.1f s",
-                     stage, epoch, epochs, row["train_loss"], row["val_loss"], row["val_dice"],
-                     " *" if improved else "", best["dice"], best["epoch"], seconds)
+            dice = _shown(row["val_dice"])
+            self.last_line = f"loss {row['train_loss']:.4f}" + (f", val Dice {dice}" if n_val else "")
+            if n_val:
+                log.info("%s epoch %d/%d: loss %.4f, val loss %.4f, val Dice %.4f%s (best %.4f @ %d), %.1f s",
+                         stage, epoch, epochs, row["train_loss"], row["val_loss"], row["val_dice"],
+                         " *" if improved else "", best["dice"], best["epoch"], seconds)
+            else:
+                log.info("%s epoch %d/%d: loss %.4f, %.1f s", stage, epoch, epochs, row["train_loss"],
+                         seconds)
+            yield self.progress(stage, epoch)
+            if row["late"]:
+                self.stopped[stage] = epoch
+                break
+        if stage in self.stopped:
+            log.info("%s stage: its time of --minutes %g was up after epoch %d of %d", stage, cfg.minutes,
+                     self.stopped[stage], epochs)
+            if info.is_main and self.saved != (stage, self.stopped[stage]):
+                if self.model_stale:
+                    self.write_model()
+                    self.model_stale = False
+                self.checkpoint(stage, self.stopped[stage], opt)
+        self.deadline = None
         net.cpu()
         self.check_learning(stage)
 
@@ -486,12 +661,23 @@ class Run:
                       "foreground), try another --lr, or train longer")
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run ``segthenseg-train``; returns the path of the written model file."""
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def train_steps(cfg: TrainConfig) -> Steps[Path]:
+    """``segthenseg-train`` as steps (a progress step after each batch and epoch); returns the path
+    of the written model file. Closing the steps (the plugin's Cancel) stops after the batch in
+    flight; the last checkpoint stays for ``--resume``."""
     problem = output_problem(cfg.out, folder=True)  # e.g. an existing file: said now, not as a traceback
     if problem is not None:
         raise ValueError(f"--out {cfg.out}: {problem}")
     info = ddp.setup(cfg.device)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
@@ -510,6 +696,7 @@ def train(cfg: TrainConfig) -> Path:
         if removed:
             log.info("removed %d temporary file(s) an interrupted run left: %s", len(removed),
                      ", ".join(p.name for p in removed))
+        run.load_parent()
         run.load_data()
         run.load_init()
         found = find_resumable(cfg.out) if cfg.resume else None
@@ -533,7 +720,7 @@ def train(cfg: TrainConfig) -> Path:
             if done_stage is not None and i < stages.index(done_stage):
                 continue
             same = stage == done_stage
-            run.run_stage(stage, done_epoch if same else 0, opt_state if same else None)
+            yield from run.run_stage(stage, done_epoch if same else 0, opt_state if same else None)
         path = cfg.out / MODEL_NAME
         if info.is_main:
             path = run.write_model()
@@ -546,4 +733,10 @@ def train(cfg: TrainConfig) -> Path:
         ddp.barrier(info)
         return path
     finally:
+        torch.set_num_threads(threads)  # the plugin's process goes on with its own
         ddp.cleanup(info)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run ``segthenseg-train`` to its end; returns the path of the written model file."""
+    return drive(train_steps(cfg))

@@ -15,6 +15,7 @@ import typing
 from .checkpoint import CheckpointError, WriteFailed
 from .config import OPTIONS, TrainConfig
 from .data import DataError
+from .finetune import fine_tune_values
 
 FILLED_IN = ("command",)  # TrainConfig fields the command line does not set
 
@@ -25,10 +26,11 @@ def _plain_type(annotation: object) -> type:
     return args[0] if args else annotation  # type: ignore[return-value]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The options of :class:`TrainConfig`, with its defaults (one source) and :data:`OPTIONS`' help."""
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The options of :class:`TrainConfig`, with its defaults (one source) and :data:`OPTIONS`' help;
+    ``defaults=False`` leaves out every option not given (to tell what the user set)."""
     p = argparse.ArgumentParser(
-        prog="segthenseg-train",
+        prog="segthenseg-train", argument_default=None if defaults else argparse.SUPPRESS,
         description="Train Segment-then-Segment networks (rough on whole images at SxS, fine on "
                     "ground-truth crops) from a folder with images/ and masks/. See docs/TRAINING.md.")
     hints = typing.get_type_hints(TrainConfig)
@@ -43,18 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
+            absent = {} if defaults else {"default": argparse.SUPPRESS}
             if f.default:  # on by default: the option turns it off
                 p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                               help=text)
+                               help=text, **absent)
             else:
-                p.add_argument(flag, action="store_true", help=text)
+                p.add_argument(flag, action="store_true", help=text, **absent)
             continue
         if f.default is dataclasses.MISSING:
             p.add_argument(flag, type=kind, required=True, metavar=opt.metavar, help=text + " (required)")
             continue
         shown = opt.default_text if opt.default_text is not None else f.default
-        p.add_argument(flag, type=kind, default=f.default, choices=opt.choices, metavar=opt.metavar,
-                       help=f"{text} (default: {shown})")
+        p.add_argument(flag, type=kind, default=f.default if defaults else argparse.SUPPRESS,
+                       choices=opt.choices, metavar=opt.metavar, help=f"{text} (default: {shown})")
     return p
 
 
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     words = sys.argv[1:] if argv is None else argv
     command = "segthenseg-train " + " ".join(shlex.quote(w) for w in words)
+    given = vars(build_parser(defaults=False).parse_args(words))  # what the user set
     try:
-        cfg = TrainConfig(**vars(args), command=command)
+        cfg = TrainConfig(**fine_tune_values(vars(args), given), command=command)
         from .loop import train  # the training loop's imports after the arguments are known to be valid
 
         train(cfg)

@@ -237,8 +237,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     where = f"split {chosen.split!r}" if chosen.split is not None else "all images (no splits.json)"
     print(f"{args.data}: {where}, {len(chosen.samples)} image(s) [{chosen.source}]; model {model}, "
           f"S={engine.settings.size}, on {engine.device.type}", flush=True)
+    lineage = engine.model.lineage()
+    if lineage:
+        print(f"model {model}: {lineage}", flush=True)
     rows, summary = evaluate_samples(engine, chosen.samples)
     summary.update({"size": engine.settings.size, "split": chosen.split, "splits_from": chosen.source,
+                    "lineage": lineage or None,
                     "warnings": chosen.warnings, "model": str(model), "data": str(args.data),
                     "device": engine.device.type, "wall_s": time.perf_counter() - t0})
     print(format_table({TITLES[m]: summary[m] for m in METHODS}))

@@ -11,9 +11,7 @@ did not finish.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +20,6 @@ from ..engine.atomic import write_bytes
 MANIFEST_NAME = "segthenseg-predict.json"
 FORMAT = "napari-segthenseg/predict-outputs"
 VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_stamp(path: Path) -> dict[str, object]:

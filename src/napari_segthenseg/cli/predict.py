@@ -39,13 +39,14 @@ from ..engine.atomic import write_bytes
 from ..engine.boxes import label_objects
 from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
+from ..engine.integrity import file_sha256
 from ..engine.labels import LABEL_DTYPE, relabel_chunked
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import Progress, drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from ..engine.slide import CHUNK, ChunkedOutput
 from .common import CliError, CommandProgress, check_output, model_path, open_engine
-from .manifest import Manifest, Recipe, file_sha256
+from .manifest import Manifest, Recipe
 
 FORMATS = ("auto", "tif", "ome-zarr")
 

@@ -53,6 +53,16 @@ def _update(h: hashlib._Hash, obj: Any) -> None:
         raise TypeError(f"cannot checksum a {type(obj).__name__}")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (what ``sha256sum`` prints): a model's identity in predict's
+    manifest and in a fine-tuned model's record of its parent."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def digest(payload: dict[str, Any]) -> str:
     """SHA-256 of everything in ``payload`` except its own digest entry."""
     h = hashlib.sha256()

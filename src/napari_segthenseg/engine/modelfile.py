@@ -106,6 +106,20 @@ class StSModel:
             text += f", rough scale {s.trained_scale.median:g} px/px"
         return text + (f", trained on {s.trained_on}" if s.trained_on else "")
 
+    def lineage(self) -> str:
+        """For a fine-tuned model (``segthenseg-train --from-model``): its parent (name and SHA-256 of
+        the file), the number of images it was tuned on and their fingerprint; else empty."""
+        notes = self.settings.notes
+        parent = notes.get("parent")
+        if not isinstance(parent, dict):
+            return ""
+        text = f"fine-tuned from {parent.get('name', '?')} (SHA-256 {str(parent.get('sha256', '?'))[:12]})"
+        if "images" in notes:
+            text += f" on {notes['images']} image(s)"
+        if "data_fingerprint" in notes:
+            text += f" (data fingerprint {str(notes['data_fingerprint'])[:12]})"
+        return text
+
 
 def _net_payload(net: UNet | None, half: bool) -> dict | None:
     if net is None:

@@ -56,6 +56,12 @@ class TrainedScale:
         return cls(float(data["median"]), float(data["low"]), float(data["high"]), float(data["aspect"]),
                    int(data["window"]))
 
+    def covering(self, other: TrainedScale) -> TrainedScale:
+        """This scale with its range widened to ``other``'s (its typical scale and window kept): a
+        rough net fine-tuned on ``other``'s images has seen both."""
+        return TrainedScale(self.median, min(self.low, other.low), max(self.high, other.high),
+                            max(self.aspect, other.aspect), self.window)
+
     def covers(self, hw: tuple[int, int], size: int) -> bool:
         """Whether an image of ``hw`` is within the trained range (whole-image pass)."""
         h, w = hw

@@ -77,6 +77,13 @@ class BoxTable:
         rows = self._rows_of(ids)
         return self.boxes[rows].reshape(-1, 4)
 
+    def edited(self) -> np.ndarray:
+        """The boxes that the edits still in ``history`` put in (drawn or moved) and that are still in
+        the table: what the user corrected."""
+        ids = np.unique(np.concatenate([e.added_ids for e in self.history] or [NO_IDS]))
+        ids = ids[ids < len(self._rows)]
+        return self.boxes_of(ids[self._rows[ids] >= 0])
+
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         known = (ids >= 0) & (ids < len(self._rows))

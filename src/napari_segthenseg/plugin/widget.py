@@ -42,6 +42,7 @@ from .image_session import ImageSession
 from .layers import image_plane
 from .session import CANCELLED, EngineFactory, Job, JobFailed, Session, run_in_worker
 from .slide_session import SlideSession, Workdir, is_slide
+from .training import FINE_TUNE_MINUTES, FineTuned, FineTuneSettings, TrainingSet, fine_tune_job, pieces_of
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
@@ -105,10 +106,22 @@ class SegThenSegWidget(Container):
         self.save_button = PushButton(text="Save segmentation + boxes…",
                                       tooltip="NAME.ome.zarr (OME-Zarr label image) and NAME.boxes.csv")
         self.status = Label(label="", value="")
+        self.training_folder: Path | None = None  # chosen once, at the first "Add to training set"
+        self.add_button = PushButton(text="Add to training set", tooltip="The image (a slide: windows around "
+                                     "the edited boxes) and its corrected segmentation, into the training "
+                                     "folder (images/, masks/, splits.json)")
+        self.finetune_minutes = FloatSpinBox(label="fine-tune minutes", value=FINE_TUNE_MINUTES, min=0.1,
+                                             max=600.0, step=0.5)
+        self.finetune_button = PushButton(text="Fine-tune", tooltip="Fine-tune the model in use on the "
+                                          "training folder; the new model is selected and the image "
+                                          "segmented again (the old one stays in the model list)")
+        self.fine_tune_options: dict = {}  # more segthenseg-train settings for Fine-tune (tests: tiny runs)
+        self.training_info = Label(value="")
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
             self.rough_scale, self.scale_info, self.segmentation, self.live, self.run_button,
-            self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status])
+            self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status,
+            self.add_button, self.finetune_minutes, self.finetune_button, self.training_info])
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
@@ -129,6 +142,8 @@ class SegThenSegWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.segment_button.changed.connect(self.update_boxes)
         self.save_button.changed.connect(self._ask_save)
+        self.add_button.changed.connect(self.add_to_training_set)
+        self.finetune_button.changed.connect(self.fine_tune)
         self.image.changed.connect(self._show_scale)
         self.image.changed.connect(self._show_segmentation_choice)
         self.rough_scale.changed.connect(self._show_scale)
@@ -202,7 +217,8 @@ class SegThenSegWidget(Container):
         if self._session is not None and self._session.model_key != key:
             self._session.invalidate(key)  # results of the old model are stale
         s = model.settings
-        self.model_info.value = f"{model.describe()}\npad {s.pad} px, threshold {s.threshold}"
+        lineage = f"\n{model.lineage()}" if model.lineage() else ""
+        self.model_info.value = f"{model.describe()}\npad {s.pad} px, threshold {s.threshold}{lineage}"
         self.model_info.tooltip = "\n".join(f"{k}: {v}" for k, v in s.notes.items()) or None
         if model.rough is None:
             self.mode.value = BY_HAND
@@ -579,6 +595,74 @@ class SegThenSegWidget(Container):
             return None
         show_info(f"Saved {seg_path.name} and {boxes_path.name}")
         return seg_path, boxes_path
+
+    # -- correct, then fine-tune (plugin/training.py) ------------------------------------------------
+    def _ask_training_folder(self) -> Path | None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path = QFileDialog.getExistingDirectory(self.native, "Training folder (images/, masks/)")
+        return Path(path) if path else None
+
+    def add_to_training_set(self) -> list[str] | None:
+        """The current image (a slide: windows around its edited boxes) and its corrected segmentation
+        into the training folder, asked for the first time."""
+        session = self._session
+        if session is None:
+            show_error("Segment-then-Segment: nothing to add yet (press Run, correct, then add).")
+            return None
+        if self.busy:
+            show_error("Segment-then-Segment: a job is running; add when it has finished (or Cancel).")
+            return None
+        try:
+            pieces = pieces_of(session)  # what to add, before asking where
+            if self.training_folder is None:
+                self.training_folder = self._ask_training_folder()
+                if self.training_folder is None:
+                    return None
+            training = TrainingSet(self.training_folder)
+            added, replaced = training.add(pieces)
+        except (ValueError, OSError) as exc:
+            show_error(f"Segment-then-Segment: cannot add to the training set: {exc}")
+            return None
+        verb = f"added {len(added)}" + (f", replaced {len(replaced)}" if replaced else "")
+        self.training_info.value = f"training set {training.folder.name}: {len(training)} image(s) ({verb})"
+        show_info(f"Segment-then-Segment: {verb} image(s) in {training.folder}")
+        return added + replaced
+
+    def fine_tune(self) -> None:
+        """Fine-tune the model in use on the training folder (in a worker); then use the new model."""
+        if self.training_folder is None or len(TrainingSet(self.training_folder)) == 0:
+            show_error("Segment-then-Segment: the training set is empty: correct a segmentation and press "
+                       "'Add to training set' first.")
+            return
+        prepared = self._prepare()
+        if prepared is None:
+            return
+        _, session = prepared
+        self.cancel()
+        settings = FineTuneSettings(self.training_folder, self._model_key, float(self.finetune_minutes.value),
+                                    self.device.value, extra=dict(self.fine_tune_options))
+        try:
+            job = fine_tune_job(settings, self._show_fine_tuned)
+        except (ValueError, OSError) as exc:
+            show_error(f"Segment-then-Segment: cannot fine-tune: {exc}")
+            return
+        self._start(session, job)
+
+    def _show_fine_tuned(self, res: FineTuned) -> list:
+        def select() -> None:
+            self.use_model(str(res.path), res.model)  # the old model stays in the list
+            self.training_info.value = f"fine-tuned model: {res.path}"
+            QTimer.singleShot(0, self._run_when_idle)
+
+        return [select]
+
+    def _run_when_idle(self) -> None:
+        """Segment the image again with the new model once the fine-tune's steps are all done."""
+        if self.busy:
+            QTimer.singleShot(50, self._run_when_idle)
+        else:
+            self.run()
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0
