@@ -124,10 +124,15 @@ def score(model_file: Path, root: Path, sets: dict[str, list[str]], cache: dict)
     return out
 
 
-def epochs_reached(run: Path) -> dict[str, int]:
+def progress_of(run: Path, batch: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Epochs and optimizer steps each stage reached (from the run's metrics.csv)."""
     with open(run / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    return {s: max((int(r["epoch"]) for r in rows if r["stage"] == s), default=0) for s in ("rough", "fine")}
+    stages = ("rough", "fine")
+    epochs = {s: max((int(r["epoch"]) for r in rows if r["stage"] == s), default=0) for s in stages}
+    per_epoch = [(r["stage"], int(r["train_items"])) for r in rows]  # a batch holds at most the items
+    steps = {s: sum(-(-n // min(batch, n)) for st, n in per_epoch if st == s) for s in stages}
+    return epochs, steps
 
 
 def run_one(args: argparse.Namespace, task: str, k: int, start: str, minutes: float, data: Path,
@@ -161,10 +166,11 @@ def run_one(args: argparse.Namespace, task: str, k: int, start: str, minutes: fl
     t1 = time.perf_counter()
     scores_ = score(out / "model.pt", root, sets, cache)
     notes = load_model(out / "model.pt").settings.notes
+    epochs, steps = progress_of(out, cfg.batch_size)
     entry = {"task": task, "k": k, "start": start, "minutes": minutes, "run": str(out),
              "train_wall_s": round(wall, 1), "eval_s": round(time.perf_counter() - t1, 1),
              "load_before": [round(v, 2) for v in load], "load_after": [round(v, 2) for v in load_after],
-             "epochs": epochs_reached(out), "select_on": notes["select_on"], "lr": cfg.lr,
+             "epochs": epochs, "steps": steps, "select_on": notes["select_on"], "lr": cfg.lr,
              "batch_size": cfg.batch_size, "settings": args.set, "scores": scores_}
     sts = "; ".join(f"{n} StS {100 * v['sts']['dsc']:.1f} (baseline {100 * v['baseline']['dsc']:.1f})"
                     for n, v in scores_.items())
@@ -172,16 +178,43 @@ def run_one(args: argparse.Namespace, task: str, k: int, start: str, minutes: fl
     return entry
 
 
+def report(result: dict) -> str:
+    """Markdown tables of a results JSON: StS (baseline) DSC % per task, k, minutes and start."""
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in result["runs"]):
+        runs = [r for r in result["runs"] if r["task"] == task]
+        sets = list(runs[0]["scores"])
+        lines += [f"**{task}**", "", "| k | minutes | start | lr, settings | steps (rough, fine) | load | "
+                  + " | ".join(f"{n}: StS (baseline) DSC %" for n in sets) + " |",
+                  "|---" * (6 + len(sets)) + "|"]
+
+        def cells(scores: dict, sets: list = sets) -> str:
+            return " | ".join(f"{100 * scores[n]['sts']['dsc']:.1f} "
+                              f"({100 * scores[n]['baseline']['dsc']:.1f})" for n in sets)
+
+        for parent in (e for e in result["parents"] if e["task"] == task):
+            lines.append(f"| 0 | 0 | {parent['start']} as it is | | | | {cells(parent['scores'])} |")
+        for r in sorted(runs, key=lambda r: (r["k"], r["minutes"], r["start"] == "scratch")):
+            start = "scratch" if r["start"] == "scratch" else f"fine-tune {r['start']}"
+            steps = r.get("steps", r["epochs"])
+            extra = "".join(f", {k} {v}" for k, v in r.get("settings", {}).items())
+            lines.append(f"| {r['k']} | {r['minutes']:g} | {start} | {r['lr']:g}{extra} | {steps['rough']}, "
+                         f"{steps['fine']} | {r['load_before'][0]:.1f} | {cells(r['scores'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", nargs="+", choices=sorted(FOLDERS), required=True)
+    p.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a results JSON and stop")
+    p.add_argument("--task", nargs="+", choices=sorted(FOLDERS))
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 10], help="corrected images per run")
     p.add_argument("--minutes", type=float, nargs="+", default=[5.0], help="time limit(s) of each run")
     p.add_argument("--start", nargs="+", default=["default", "scratch"],
                    help="'scratch' and/or model files to fine-tune ('default': the bundled model)")
     p.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder holding the data sets")
     p.add_argument("--out", type=Path, default=Path("runs/bench_finetune"), help="runs and data subsets")
-    p.add_argument("--json", type=Path, required=True, help="results, one entry per run (appended)")
+    p.add_argument("--json", type=Path, help="results, one entry per run (appended)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (training and scoring)")
     p.add_argument("--size", type=int, default=64, help="S of the runs from scratch")
     p.add_argument("--lr", type=float, help="learning rate of the fine-tunes (default: the trainer's "
@@ -191,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-done", action="store_true", help="skip runs the JSON already holds")
     p.add_argument("--no-baseline", action="store_true", help="do not score the start models themselves")
     args = p.parse_args(argv)
+    if args.report is not None:
+        print(report(json.loads(args.report.read_text())))
+        return 0
+    if not args.task or args.json is None:
+        p.error("--task and --json are needed (or --report JSON)")
     args.set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     torch.set_num_threads(args.threads)
     result = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": [], "parents": []}

@@ -19,7 +19,7 @@ from napari_segthenseg.engine import ModelSettings, StSModel, UNet, load_model, 
 from napari_segthenseg.engine.integrity import file_sha256
 from napari_segthenseg.engine.scale import TrainedScale
 from trainer.augment import AugmentSettings, augment_batch, colour_augment
-from trainer.config import FINE_TUNE_DEFAULTS, TrainConfig
+from trainer.config import FINE_TUNE_DEFAULTS, REGIMES, TrainConfig
 from trainer.finetune import fine_tune_values
 from trainer.loop import resolve_select_on
 from trainer.train import main
@@ -83,7 +83,10 @@ def test_from_model_keeps_the_parents_settings_and_records_it(parent, tmp_path, 
     notes = s.notes
     assert notes["parent"]["name"] == str(parent) and notes["parent"]["sha256"] == file_sha256(parent)
     assert notes["images"] == 4 and notes["train_images"] == 4  # 4 < 20 images: all train, the last kept
-    assert notes["select_on"] == "last" and notes["lr"] == FINE_TUNE_DEFAULTS["lr"]
+    assert notes["select_on"] == "last"
+    # a random parent does not fit the discs: the adapting regime (its learning rate and jitter)
+    assert notes["regime"]["tune"] == "adapt" and notes["regime"]["parent_dice"] < 0.5
+    assert notes["lr"] == REGIMES["adapt"]["lr"] and notes["regime"]["colour_jitter"] == 0.8
     assert len(notes["data_fingerprint"]) == 64 and notes["tuned"] == ["rough", "fine"]
     assert "fine-tuned on 4 image(s) of d" in s.trained_on and s.trained_on.startswith("synthetic parent")
     lineage = model.lineage()
@@ -123,8 +126,9 @@ def test_fine_tune_defaults_apply_only_to_options_not_given(parent, tmp_path):
     base = {"data": tmp_path, "out": tmp_path / "o", "from_model": str(parent), "epochs": 100, "lr": 5e-4,
             "select_on": "holdout", "size": 64}
     tuned = fine_tune_values(base, {"data", "out", "from_model"})
-    assert (tuned["epochs"], tuned["lr"], tuned["select_on"], tuned["size"], tuned["width"]) == (
-        FINE_TUNE_DEFAULTS["epochs"], FINE_TUNE_DEFAULTS["lr"], "auto", 32, 4)
+    assert (tuned["epochs"], tuned["select_on"], tuned["size"], tuned["width"]) == (
+        FINE_TUNE_DEFAULTS["epochs"], "auto", 32, 4)
+    assert tuned["lr"] is None and tuned["colour_jitter"] is None  # set by the regime, once the data are read
     mine = fine_tune_values(base, {"data", "out", "from_model", "lr", "epochs"})
     assert (mine["epochs"], mine["lr"]) == (100, 5e-4)
     assert fine_tune_values({**base, "from_model": None}, set()) == {**base, "from_model": None}
@@ -216,3 +220,32 @@ def test_a_tiny_parent_from_conftest_fine_tunes(tmp_path):
     assert main([str(data), "--out", str(tmp_path / "run"), "--from-model", str(parent), "--epochs", "1",
                  "--fine-epochs", "1", *FAST]) == 0
     assert load_model(tmp_path / "run").settings.notes["parent"]["sha256"] == file_sha256(parent)
+
+
+def test_a_fine_tune_resumes_and_checks_its_parent(parent, tmp_path, capsys):
+    data = make_data(tmp_path / "d", 2)
+    out = tmp_path / "run"
+    assert tune(data, out, parent, "--epochs", "1", "--fine-epochs", "1") == 0
+    assert tune(data, out, parent, "--epochs", "1", "--fine-epochs", "2", "--resume") == 0
+    assert [(r["stage"], r["epoch"]) for r in metrics(out)] == [("rough", "1"), ("fine", "1"), ("fine", "2")]
+    other = save_model(make_tiny_model(size=32), tmp_path / "other.pt")
+    assert tune(data, out, other, "--epochs", "1", "--fine-epochs", "3", "--resume") == 2
+    assert "from_model: checkpoint" in capsys.readouterr().err
+
+
+def test_a_refining_fine_tune_keeps_the_parents_batchnorm_statistics(parent, tmp_path, capsys):
+    data = make_data(tmp_path / "d", 3)
+    before = load_model(parent)
+    stats = lambda m: {k: v for k, v in m.rough.state_dict().items() if "running" in k}  # noqa: E731
+    one = ("--epochs", "1", "--fine-epochs", "1")
+    assert tune(data, tmp_path / "refine", parent, "--tune", "refine", *one) == 0
+    assert "fine-tune regime refine (--tune refine): --lr 3e-05" in capsys.readouterr().err
+    refined = load_model(tmp_path / "refine")
+    assert all(torch.equal(v, stats(before)[k]) for k, v in stats(refined).items())
+    assert refined.settings.notes["lr"] == REGIMES["refine"]["lr"]
+    assert tune(data, tmp_path / "adapt", parent, *one) == 0
+    err = capsys.readouterr().err
+    assert "fine-tune regime adapt (its Dice on the 3 training image(s) is" in err
+    assert "BatchNorm statistics of the kept weights (epoch 1) recomputed" in err
+    adapted = load_model(tmp_path / "adapt")
+    assert not all(torch.equal(v, stats(before)[k]) for k, v in stats(adapted).items())

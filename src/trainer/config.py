@@ -19,14 +19,22 @@ STAGES = ("rough", "fine", "both")
 SELECT_ON = ("holdout", "val", "last", "auto")
 HOLDOUT_FRACTION = 0.1
 # A fine-tune (``--from-model``) starts from a trained model: fewer epochs, unless given (docs/TRAINING.md,
-# Fine-tuning). Its epochs hold at least FINE_TUNE_MIN_BATCHES full batches (few images repeat).
-FINE_TUNE_DEFAULTS = {"epochs": 30, "fine_epochs": 15, "lr": 1e-4, "select_on": "auto"}
+# Fine-tuning). Its epochs hold at least FINE_TUNE_MIN_BATCHES full batches (few images repeat). None: set
+# by its regime (REGIMES), chosen by how well the model fits the tuned images (--tune auto).
+FINE_TUNE_DEFAULTS = {"epochs": 30, "fine_epochs": 15, "select_on": "auto", "tune": "auto", "lr": None,
+                      "colour_jitter": None}
 FINE_TUNE_MIN_BATCHES = 10
+TUNES = ("auto", "refine", "adapt")
+# refine: the model already fits (its own task on other-looking images): a low learning rate and its
+# BatchNorm statistics kept, so little is forgotten. adapt: it does not (a structure it does not know):
+# a higher learning rate, statistics relearned, and intensity jitter for images from other sources.
+REGIMES = {"refine": {"lr": 3e-5, "colour_jitter": 0.0}, "adapt": {"lr": 1e-3, "colour_jitter": 0.8}}
+FIT_DICE = 0.5  # --tune auto: refine when the model's Dice on the tuned images is at least this
 MIN_HOLDOUT_IMAGES = 20  # --select-on auto: a holdout from this many train images on, else the last epoch
 # Settings a resumed run must share with its checkpoint (epochs may grow, device may change).
 RESUME_KEYS = ("data", "size", "width", "depth", "batch_size", "lr", "stage", "seed", "select_on",
                "pad", "min_box", "normalisation", "augment", "init", "val_crops_per_image", "from_model",
-               "stain_jitter", "colour_jitter", "invert")
+               "stain_jitter", "colour_jitter", "invert", "tune")
 
 
 @dataclass
@@ -39,10 +47,11 @@ class TrainConfig:
     epochs: int = 100
     fine_epochs: int | None = None  # None: same as ``epochs``
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float | None = 5e-4  # None (a fine-tune): its regime's
     stage: str = "both"
     init: Path | None = None  # model file whose rough net starts the fine stage (``--stage fine``)
     from_model: str | None = None  # fine-tune: a model file, run folder or "default" starts the nets
+    tune: str = "auto"  # a fine-tune's regime (REGIMES), or auto
     minutes: float | None = None  # stop after this many minutes of training, keeping the best so far
     select_on: str = "holdout"
     device: str = "auto"
@@ -55,7 +64,7 @@ class TrainConfig:
     val_crops_per_image: int = 8
     augment: bool = True
     stain_jitter: float = 0.0  # probabilities of the colour augmentations (augment.py), 0 = off
-    colour_jitter: float = 0.0
+    colour_jitter: float | None = 0.0  # None (a fine-tune): its regime's
     invert: float = 0.0
     resume: bool = False
     command: str = ""
@@ -77,14 +86,19 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.fine_epochs is not None and self.fine_epochs < 1:
             raise ValueError("--fine-epochs must be at least 1")
-        if not self.lr > 0:
+        if self.tune not in TUNES:
+            raise ValueError(f"--tune must be one of {', '.join(TUNES)}, not {self.tune!r}")
+        for name in ("lr", "colour_jitter"):
+            if getattr(self, name) is None and self.from_model is None:
+                raise ValueError(f"--{name.replace('_', '-')} needs a value (a fine-tune's regime sets it)")
+        if self.lr is not None and not self.lr > 0:
             raise ValueError("--lr must be positive")
         if self.minutes is not None and not self.minutes > 0:
             raise ValueError("--minutes must be positive")
         if self.init is not None and self.from_model is not None:
             raise ValueError("--init and --from-model exclude each other: --from-model starts both networks")
         for name in ("stain_jitter", "colour_jitter", "invert"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} is a probability: between 0 and 1")
         if self.normalisation == "none" and (self.stain_jitter or self.colour_jitter or self.invert):
             raise ValueError("the colour augmentations need intensities in [0, 1]: use --normalisation "
@@ -144,9 +158,15 @@ OPTIONS: dict[str, Option] = {
     "from_model": Option("fine-tune: start the network(s) of --stage from this model file, run folder or "
                          "'default' (the bundled model), keeping its S, padding, channels, normalisation, "
                          "width, depth and trained scale; fine-tune defaults "
-                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINE_TUNE_DEFAULTS.items())
-                         + " (docs/TRAINING.md)", default_text="none: from scratch",
-                         metavar="MODEL"),
+                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in FINE_TUNE_DEFAULTS.items()
+                                     if v is not None)
+                         + ", --lr and --colour-jitter by --tune (docs/TRAINING.md)",
+                         default_text="none: from scratch", metavar="MODEL"),
+    "tune": Option("a fine-tune's regime: refine (--lr {refine[lr]:g}, BatchNorm statistics kept) for a "
+                   "model that fits the tuned images, adapt (--lr {adapt[lr]:g}, statistics relearned, "
+                   "--colour-jitter {adapt[colour_jitter]:g}) for one that does not; auto: refine when the "
+                   "model's Dice on them is at least {fit:g}".format(**REGIMES, fit=FIT_DICE),
+                   choices=TUNES),
     "minutes": Option("stop after this many minutes of training (the stages share them by their epochs) "
                       "and keep the best model so far", default_text="no limit", metavar="N"),
     "select_on": Option(f"checkpoint choice: a seeded {HOLDOUT_FRACTION:.0%} holdout of the train split "
