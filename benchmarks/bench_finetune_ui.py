@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     widget.fine_tune()
     wait_idle(widget, args.minutes * 60 + 600)  # the fine-tune job
     t_tuned = time.perf_counter()
-    while widget._model_key == old_key or widget.busy:  # then the re-run with the new model
+    while time.perf_counter() - t_tuned < 600:  # then the Run with the new model (its line ends in " s")
         wait_idle(widget, 1)
-        if time.perf_counter() - t_tuned > 600:
+        if widget._model_key != old_key and not widget.busy and widget.status.value.endswith(" s"):
             break
     t_end = time.perf_counter()
     timer.stop()

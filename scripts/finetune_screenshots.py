@@ -11,10 +11,10 @@ JSON with the times and counts, go into ``--out``::
 The corrections stand in for a person's brush strokes. There is no ground truth for this image, so
 the nuclei are taken from a classical segmentation of its haematoxylin stain (``rgb2hed``, a local
 threshold, an opening, objects of 40 px and more: :func:`haematoxylin_nuclei`); the "user" paints
-the ``--add`` largest of those nuclei that the model missed and erases the ``--erase`` largest
-objects the model found where there is no nucleus; the rest of the segmentation is left as the
-model made it. The same haematoxylin nuclei are the yardstick for before and after (Dice and the
-number of nuclei hit), which says how the segmentation moved, not how right it is.
+the nuclei that the model missed and erases the objects it found where there is no nucleus (all of
+them, or the ``--add``/``--erase`` largest); what the model found on a nucleus is left as it made it.
+The same haematoxylin nuclei are the yardstick for before and after (Dice and the number of nuclei
+hit), which says how the segmentation moved, not how right it is.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def compare(seg: np.ndarray, nuclei: np.ndarray) -> dict:
         "nuclei_hit": int((hit > 0).sum()), "nuclei": int(nuclei.max())}
 
 
-def correct(seg: np.ndarray, nuclei: np.ndarray, add: int, erase: int) -> tuple[np.ndarray, int, int]:
+def correct(seg: np.ndarray, nuclei: np.ndarray, add: int | None, erase: int | None
+            ) -> tuple[np.ndarray, int, int]:
     """The user's corrections: paint the ``add`` largest missed nuclei, erase the ``erase`` largest
-    objects that cover no nucleus."""
+    objects that cover no nucleus (None: all of them)."""
     from skimage import measure
 
     out = seg.copy()
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="model to start from (default: the bundled one)")
     p.add_argument("--minutes", type=float, default=3.0, help="fine-tune time limit")
-    p.add_argument("--add", type=int, default=20, help="missed nuclei the user paints")
-    p.add_argument("--erase", type=int, default=5, help="false objects the user erases")
+    p.add_argument("--add", type=int, default=None, help="missed nuclei the user paints (default: all)")
+    p.add_argument("--erase", type=int, default=None, help="false objects the user erases (default: all)")
     p.add_argument("--out", type=Path, default=OUT, help="screenshots, training folder, summary")
     args = p.parse_args(argv)
     import imageio.v3 as iio
@@ -96,11 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
                      "load_before": [round(v, 2) for v in os.getloadavg()], "model": args.model}
 
-    def shoot(name: str) -> None:
+    def shoot(name: str, canvas_only: bool = True) -> None:
+        """The image with the segmentation and boxes (the rough mask hidden), or the whole window."""
         wait_idle(widget, 600)
         wait_idle(widget, 0.5)
+        session = widget._session
+        if session.alive(session.rough_layer):
+            session.rough_layer.visible = not canvas_only
         viewer.reset_view()
-        viewer.screenshot(str(args.out / name), canvas_only=False)
+        viewer.screenshot(str(args.out / name), canvas_only=canvas_only)
         print(f"{args.out / name}: {widget.status.value}", flush=True)
 
     t0 = time.perf_counter()
@@ -123,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     widget.finetune_minutes.value = args.minutes
     t0 = time.perf_counter()
     widget.fine_tune()
-    while (widget._model_key == old or widget.busy) and time.perf_counter() - t0 < args.minutes * 60 + 900:
+    while time.perf_counter() - t0 < args.minutes * 60 + 900:  # the fine-tune, then the Run it starts
         wait_idle(widget, 1)
+        if widget._model_key != old and not widget.busy and widget.status.value.endswith(" s"):
+            break
     summary["fine_tune_and_rerun_s"] = round(time.perf_counter() - t0, 1)
     notes = widget.current_model.settings.notes
     summary.update(new_model=widget._model_key, train_wall_s=notes["wall_s"],
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     after = np.asarray(widget._session.seg_layer.data).reshape(image.shape[:2])
     summary["after"] = compare(after, nuclei)
     shoot("ihc_after.png")
+    shoot("ihc_after_window.png", canvas_only=False)
     summary["load_after"] = [round(v, 2) for v in os.getloadavg()]
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
