@@ -52,6 +52,15 @@ def is_slide(layer: object, plane: Plane) -> bool:
     return bool(getattr(layer, "multiscale", False)) or plane.hw[0] * plane.hw[1] > LARGE_IMAGE_PX
 
 
+def redraw(layer: object) -> None:
+    """Show what a store holds now: napari reads the tiles on screen again (and nothing else: the
+    extent and thumbnail stay; napari >= 0.6 takes these keywords)."""
+    try:
+        layer.refresh(thumbnail=False, extent=False, highlight=False)
+    except TypeError:
+        layer.refresh()
+
+
 def slide_edge_width(boxes: np.ndarray) -> float:
     """Box edges about 1/16 of a typical box side (image px): thin on a slide, seen when zoomed in."""
     if len(boxes) == 0:
@@ -128,7 +137,7 @@ class SlideSession(Session):
             now = time.perf_counter()
             if now - last[0] >= REFRESH_S and self.alive(made["layer"]):
                 last[0] = now
-                made["layer"].refresh()
+                redraw(made["layer"])
 
         def show(res: JobResult, edited: bool) -> list[UiStep]:
             redraw(Progress("", 0, 0))  # the store's layer, if no report put it in place yet
@@ -159,7 +168,7 @@ class SlideSession(Session):
                 self._put_back(self.seg_layer, before)
             else:
                 st.label, st.next_label, st.pending = res.store, res.next_label, NO_BOXES.copy()
-                self.seg_layer.refresh()
+                redraw(self.seg_layer)
             self._place_rough(res.layers["rough"])
 
         def boxes() -> None:
@@ -245,7 +254,7 @@ class SlideSession(Session):
             st.pending, st.next_label = NO_BOXES.copy(), res.next_label
             self.stats = res.stats
             if self.alive(self.seg_layer):
-                self.seg_layer.refresh()  # napari reads the tiles on screen again
+                redraw(self.seg_layer)  # napari reads the tiles on screen again
             else:
                 self.show_seg(st.label)
 

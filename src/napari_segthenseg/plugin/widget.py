@@ -66,6 +66,7 @@ class SegThenSegWidget(Container):
         self._installing = 0  # steps (a job's result, boxes following the view) still to run, one per turn
         self._job: Job | None = None  # the running job
         self._job_status = ""  # what the last job said
+        self._pbar_stage: str | None = None  # the stage the progress bar names
         self._quiet = 0  # >0 while we change the boxes layer ourselves
         self._pbar = None
         self._t0 = self._shown = 0.0
@@ -441,10 +442,14 @@ class SegThenSegWidget(Container):
             if now - self._t0 < PROGRESS_AFTER_S:  # an edit's short job: the status line is enough
                 return
             self._pbar = progress(total=0, desc=f"Segment-then-Segment: {self._job_name}")
+            self._pbar_stage = None
         pbar = self._pbar
         pbar.total = max(p.total, 1)
         pbar.n = min(p.done, p.total)
-        pbar.set_description(p.step)
+        stage = p.step.split(":")[0]  # a new text relays out napari's activity dock (0.3 s here): per stage
+        if stage != self._pbar_stage:
+            self._pbar_stage = stage
+            pbar.set_description(stage)
 
     def _finish(self) -> None:
         self._worker = None
