@@ -467,6 +467,11 @@ def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napar
     _, _, widget = ran
     seg_path, boxes_path = widget.save(tmp_path / "canvas.ome.zarr")
     monkeypatch.setattr(fileio, "LAYER_BOXES_MAX", 10)  # this file counts as too large to draw whole
+
+    def no_survey(*args, **kwargs):
+        raise AssertionError("the intensity windows saved with the segmentation are used")
+
+    monkeypatch.setattr(Engine, "image_stats", no_survey)
     viewer2 = make_napari_viewer()
     [image2] = viewer2.open(str(slide_path), plugin=PLUGIN)
     [boxes2] = viewer2.open(str(boxes_path), plugin=PLUGIN)

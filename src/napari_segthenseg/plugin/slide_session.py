@@ -24,6 +24,7 @@ from ..engine.boxes import NO_BOXES, changed_boxes, clip_boxes
 from ..engine.boxio import read_boxes_csv, write_boxes_csv
 from ..engine.grid import CHUNK
 from ..engine.limits import LARGE_IMAGE_PX
+from ..engine.localnorm import windows_fit
 from ..engine.progress import Progress
 from ..engine.slide import ChunkedOutput
 from .boxtable import BoxTable, Edit
@@ -33,11 +34,13 @@ from .slide_store import (
     SlideStore,
     Workdir,
     copy_saved,
+    load_windows,
     new_store,
     number_objects,
     remove_later,
     resegment,
     rough_pyramid,
+    save_windows,
     store_of,
 )
 from .viewport import ID, NEW, BoxesView, view_region
@@ -109,6 +112,7 @@ class SlideSession(Session):
                 res = yield from engine.walk(src, output=output)
                 with engine.timed("labels"):
                     next_label = (yield from number_objects(label)) if engine.fine_net is not None else 1
+                save_windows(label, res.stats)
                 plan, mask = res.rough.plan, res.rough.mask
                 zoom = (plan.scale, plan.scale) if plan.tiled else (src.hw[0] / mask.shape[0],
                                                                      src.hw[1] / mask.shape[1])
@@ -282,8 +286,14 @@ class SlideSession(Session):
             ok = False
             try:
                 label, top = yield from copy_saved(source, store, src.hw)
-                yield Progress("image statistics", 1, 2)
-                stats = engine.image_stats(src)
+                stats = load_windows(label)
+                plan = engine.plan(src.hw)
+                if stats is None or not windows_fit(stats, plan.tiled, plan.scale, plan.window,
+                                                    engine.settings.normalisation):
+                    # saved without them (e.g. by segthenseg-predict), or for another model or scale
+                    yield Progress("image statistics", 1, 2)
+                    stats = engine.image_stats(src)
+                    save_windows(label, stats)
                 ok = True
                 return JobResult(NO_BOXES, stats, store=label, next_label=top)
             finally:
