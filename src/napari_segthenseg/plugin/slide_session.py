@@ -131,7 +131,7 @@ class SlideSession(Session):
                     shutil.rmtree(path, ignore_errors=True)
                     shutil.rmtree(rough_store, ignore_errors=True)
 
-        def redraw(_: Progress) -> None:
+        def on_progress(_: Progress) -> None:
             label = made.get("label")
             if label is None:
                 return
@@ -144,10 +144,10 @@ class SlideSession(Session):
                 redraw(made["layer"])
 
         def show(res: JobResult, edited: bool) -> list[UiStep]:
-            redraw(Progress("", 0, 0))  # the store's layer, if no report put it in place yet
+            on_progress(Progress("", 0, 0))  # the store's layer, if no report put it in place yet
             return self._show_run(res, edited, before)
 
-        return Job("run", steps, show, _run_status, on_progress=redraw,
+        return Job("run", steps, show, _run_status, on_progress=on_progress,
                    on_abort=lambda: self._put_back(made.get("layer"), before))
 
     def _put_back(self, shown: object, before: object) -> None:
