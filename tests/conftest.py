@@ -119,3 +119,18 @@ def flip_middle(path, n: int = 8) -> None:
     mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
     raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
     path.write_bytes(bytes(raw))
+
+
+def record_calls(monkeypatch) -> list[Path]:
+    """The files segthenseg-predict's predict_file is called for (it still runs)."""
+    from napari_segthenseg.cli import predict as predict_mod
+
+    calls: list[Path] = []
+    real = predict_mod.predict_file
+
+    def spy(engine, f, *args, **kwargs):
+        calls.append(f)
+        return real(engine, f, *args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "predict_file", spy)
+    return calls

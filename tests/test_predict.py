@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, record_calls
 from napari_segthenseg.cli import predict as predict_mod
 from napari_segthenseg.cli.predict import main
 from napari_segthenseg.engine import Engine, save_model
@@ -101,19 +101,6 @@ def test_bad_inputs_and_models(inputs, model_file, tmp_path, capsys):
     assert main(["--model", str(model_file), str(inputs[1]), "--out", str(out), "--device", "tpu"]) == 2
     assert "unknown device" in capsys.readouterr().err
     assert not out.exists()
-
-
-def record_calls(monkeypatch) -> list[Path]:
-    """The files predict_file is called for."""
-    calls: list[Path] = []
-    real = predict_mod.predict_file
-
-    def spy(engine, f, *args, **kwargs):
-        calls.append(f)
-        return real(engine, f, *args, **kwargs)
-
-    monkeypatch.setattr(predict_mod, "predict_file", spy)
-    return calls
 
 
 def test_a_rerun_finishes_the_job_and_cleans_up(inputs, model_file, tmp_path, capsys, monkeypatch):
