@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", metavar="N", type=int,
                    help="instead of a slide and Run: a lazy 100,000 x 80,000 px image (zeros) and a boxes "
                         "file of N random boxes, opened and picked as the boxes layer (a real slide's scale)")
+    p.add_argument("--async-slicing", action="store_true",
+                   help="turn on napari's experimental asynchronous slicing (Preferences > Experimental): "
+                        "layers' tiles are read off the UI thread")
     args = p.parse_args(argv)
     if not args.slide and not args.table:
         p.error("give a slide, or --table N")
@@ -264,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     from napari_segthenseg.engine.boxio import write_boxes_csv
     from napari_segthenseg.plugin.slide_session import SlideSession
 
+    if args.async_slicing:
+        from napari.settings import get_settings
+
+        get_settings().experimental.async_ = True
     viewer = napari.Viewer(title="Segment-then-Segment: whole slide")
     viewer.window.resize(1800, 1100)
     QApplication.processEvents()
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "run_ui_thread_s": {n: round(meter.total("run", n), 3)
                             for n in ("_on_done", "install", "_on_progress")},
         "edits": edits, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "stalls_over_0.25_s": meter.log,
+        "stalls_over_0.25_s": meter.log, "async_slicing": args.async_slicing,
     }
     if args.gt and not args.table:
         result["dsc"] = round(dice(label.levels[0], Path(args.gt)), 4)
