@@ -267,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     from napari_segthenseg.engine.boxio import write_boxes_csv
     from napari_segthenseg.plugin.slide_session import SlideSession
 
-    if args.async_slicing:
+    if args.async_slicing:  # napari saves its settings: put the user's own value back at exit
+        import atexit
+
         from napari.settings import get_settings
 
-        get_settings().experimental.async_ = True
+        experimental = get_settings().experimental
+        atexit.register(setattr, experimental, "async_", experimental.async_)
+        experimental.async_ = True
     viewer = napari.Viewer(title="Segment-then-Segment: whole slide")
     viewer.window.resize(1800, 1100)
     QApplication.processEvents()
