@@ -7,6 +7,9 @@ Per image, in ``--out``:
 * ``<stem>_labels.tif`` / ``.ome.zarr`` instead with ``--labels`` (one id per object);
 * ``<stem>.boxes.csv``: the StS boxes, full-resolution pixels, half-open ``y0,x0,y1,x1``.
 
+Volumes (a ZYX TIFF/OME-TIFF, an OME-Zarr with a z axis) get the same files in 3D, with 3D boxes
+(:mod:`.predict_volume`, docs/VOLUMES.md).
+
 The boxes file is written last, so an image is done when both of its files exist: a rerun skips
 finished images, redoes unfinished ones and removes what a killed run left behind (temporary
 files and ``.partial`` folders). A file that cannot be read or segmented is reported and
@@ -33,14 +36,16 @@ from tqdm import tqdm
 
 from ..engine import DEFAULT_MODEL_NAME, Engine, ImageSource, bundled_model_path, omezarr
 from ..engine.atomic import write_bytes
-from ..engine.boxes import CONNECTIVITY, label_objects
+from ..engine.boxes import connectivity, label_objects
 from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from ..engine.slide import CHUNK, ChunkedOutput
+from ..engine.volume import VolumeOptions
 from .common import CliError, StageBars, open_engine
+from .predict_volume import add_volume_arguments, predict_volume_file, volume_options
 
 FORMATS = ("auto", "tif", "ome-zarr")
 
@@ -82,14 +87,19 @@ def clean_leftovers(out: Path) -> int:
 # -- one image -------------------------------------------------------------------------------
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
-                 bars: bool = False, report: Path | None = None) -> tuple[Path, Path]:
+                 bars: bool = False, report: Path | None = None, volume: VolumeOptions | None = None
+                 ) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     With ``report``, one JSON line about the image is appended there (size, rough plan, boxes,
-    stage seconds, network pixels).
+    stage seconds, network pixels). A volume goes to :func:`.predict_volume.predict_volume_file`
+    with the 3D rules of ``volume``.
     """
     t0 = time.perf_counter()
-    with open_image(path) as opened:
+    with open_image(path, volume=True) as opened:
+        if opened.volume:
+            return predict_volume_file(engine, opened, path, out, fmt, labels, chunk, client, threads, bars,
+                                       report, volume)
         src = ImageSource(opened.levels, name=str(path))
         zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_IMAGE_PX)
         seg_path, boxes_path = output_paths(out, stem_of(path), zarr_out, labels)
@@ -141,13 +151,14 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
 
 
 def _relabel(image: omezarr.LabelImage, chunk: int) -> None:
-    """Turn the 0/1 mask of level 0 into one id per object (dask-image, chunk by chunk)."""
+    """Turn the 0/1 mask of level 0 into one id per object (dask-image, chunk by chunk; objects
+    are 26-connected in a volume)."""
     import dask.array as da
     import zarr
     from dask_image.ndmeasure import label
 
     mask = da.from_zarr(image.levels[0])
-    ids, _ = label(mask > 0, structure=CONNECTIVITY)
+    ids, _ = label(mask > 0, structure=connectivity(mask.ndim))
     group = zarr.open_group(str(image.path), mode="r+")
     for k, lv in enumerate(image.levels):  # the mask's uint8 levels become uint32 ones
         group.create_array(f"{k}.tmp", shape=lv.shape, chunks=lv.chunks, dtype="uint32", fill_value=0,
@@ -200,13 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     default = default_model_arg()
     p = argparse.ArgumentParser(
         prog="segthenseg-predict",
-        description="Segment images and whole slides with Segment-then-Segment. Writes DIR/<stem>_mask.tif "
-                    "(uint8 0/1), or DIR/<stem>_mask.ome.zarr for slides, and DIR/<stem>.boxes.csv per "
-                    "image; napari opens both. A rerun skips finished images. Exit status 1 if any input "
-                    "was skipped, 3 if the disk filled up.")
+        description="Segment images, whole slides and volumes with Segment-then-Segment. Writes "
+                    "DIR/<stem>_mask.tif (uint8 0/1; a volume: Z x Y x X), or DIR/<stem>_mask.ome.zarr for "
+                    "slides and large volumes, and DIR/<stem>.boxes.csv per image; napari opens both. A "
+                    "rerun skips finished images. Exit status 1 if any input was skipped, 3 if the disk "
+                    "filled up.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI), OME-Zarr folders, or folders "
-                        "of these")
+                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI; ZYX stacks are volumes), "
+                        "OME-Zarr folders, or folders of these")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
     p.add_argument("--model", default=default,
                    help="model file, or 'default' for the bundled nuclei model (dsb2018 fluorescence, "
@@ -231,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--scheduler", metavar="ADDRESS",
                          help="run the chunks on an existing dask.distributed cluster (e.g. "
                               "tcp://host:8786); its workers must see the input and --out paths")
+    add_volume_arguments(p)
     return p
 
 
@@ -255,6 +268,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         raise CliError("no bundled default model is installed; pass --model FILE")
     if args.chunk < 64:
         raise CliError("--chunk must be at least 64")
+    volume = volume_options(args)
     files, skipped = list_inputs(args.inputs)
     for _, reason in skipped:
         print(f"skipped {reason}", file=sys.stderr)
@@ -287,7 +301,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         for f in bar:
             try:
                 predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
-                             args.threads, bars=not bar.disable, report=args.report)
+                             args.threads, bars=not bar.disable, report=args.report, volume=volume)
                 written += 1
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -5,7 +5,8 @@ An image is a 2D array ``(H, W)`` or ``(H, W, C)`` with ``C`` in 1..4, or a mult
 LA mode), 4 are RGBA. NumPy arrays are used in memory; anything else with
 ``shape``/``dtype``/slicing (dask, zarr, tifffile's zarr store) is read lazily: the rough pass
 reads a downsampled copy from the nearest pyramid level, the fine pass reads only the crops.
-Files are opened by :mod:`.reader`, which turns every format into such a pyramid.
+Files are opened by :mod:`.reader`, which turns every format into such a pyramid. A volume
+(:class:`VolumeSource`, docs/VOLUMES.md) is read one slice at a time as such an image.
 """
 
 from __future__ import annotations
@@ -166,6 +167,35 @@ class ImageSource:
     def full_tensor(self, device: torch.device) -> torch.Tensor:
         """The whole full-resolution image as (C, H, W) float tensor (in-memory images only)."""
         return self._to_tensor(np.asarray(self.levels[0]), device)
+
+
+class VolumeSource:
+    """A validated volume ``(Z, H, W)`` or ``(Z, H, W, C)`` (NumPy, dask, zarr; or a pyramid
+    whose levels keep every slice), read one slice at a time as an :class:`ImageSource`."""
+
+    def __init__(self, volume: object, name: str = "volume"):
+        levels = list(volume) if isinstance(volume, Sequence) and not _is_array_like(volume) else [volume]
+        if not levels or not all(_is_array_like(lv) for lv in levels):
+            raise ValueError("expected a volume array (or a list of its pyramid levels)")
+        shape = tuple(int(s) for s in levels[0].shape)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and not 1 <= shape[3] <= 4):
+            raise ValueError(f"volume shape {shape} is not (Z, H, W) or (Z, H, W, C) with C<=4")
+        if shape[0] < 1:
+            raise ValueError("the volume has no slices")
+        self.depth = shape[0]
+        # Levels that downsample z cannot give a slice; the rough pass reads y/x pyramids only.
+        self.levels = [lv for lv in levels if len(lv.shape) == len(shape) and int(lv.shape[0]) == self.depth]
+        self.name = name
+        first = self.plane(0)  # validates dtype, slice size and channels
+        self.hw, self.channels, self.dtype, self.lazy = first.hw, first.channels, first.dtype, first.lazy
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.depth, *self.hw)
+
+    def plane(self, z: int) -> ImageSource:
+        """Slice ``z`` as a 2D image (its pyramid too), read lazily where the volume is lazy."""
+        return ImageSource([lv[z] for lv in self.levels], name=f"{self.name}, slice {z}")
 
 
 def compute_stats(small: torch.Tensor, mode: str, dtype: np.dtype) -> NormStats:
