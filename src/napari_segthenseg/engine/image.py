@@ -23,6 +23,7 @@ from .crops import resample_window
 MIN_SIDE = 5  # smaller images cannot hold an object under the 5 px box rule
 NORMALISATIONS = ("minmax", "dtype", "none")
 MAX_STRIDE_OVERSAMPLING = 8  # a strided read keeps at least this many samples per output pixel
+FLAT_RELATIVE = 1e-5  # a min-max window narrower than this share of its values is float rounding
 
 
 class ImageReadError(ValueError):
@@ -202,7 +203,10 @@ def compute_stats(small: torch.Tensor, mode: str, dtype: np.dtype) -> NormStats:
     """Normalisation window from the downsampled image (cheap, and the same for every crop)."""
     if mode == "minmax":
         lo, hi = float(small.min()), float(small.max())
-        return NormStats(lo, hi if hi > lo else lo + 1.0)
+        # A flat image (e.g. an empty slice of a volume) differs from itself only by the rounding
+        # of its antialiased resize: no contrast to stretch, or its background would be "bright".
+        flat = hi - lo <= FLAT_RELATIVE * max(abs(lo), abs(hi))
+        return NormStats(lo, lo + 1.0 if flat or not hi > lo else hi)
     if mode == "dtype":
         if dtype.kind in "ui":
             info = np.iinfo(dtype)
