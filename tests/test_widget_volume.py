@@ -162,3 +162,20 @@ def test_this_slice_only_and_the_3d_view(opened, qtbot):
     assert seg.data.shape == (1, *SHAPE[1:])
     np.testing.assert_array_equal(seg.data[0] > 0, Engine(make_threshold_model(S), "cpu").segment(
         volume()[3]).mask)
+
+
+def test_save_and_reopen_3d_boxes_and_segmentation(ran, tmp_path):
+    from napari_segthenseg.engine import omezarr
+    from napari_segthenseg.engine.boxio import read_boxes_csv
+    from napari_segthenseg.plugin.fileio import write_boxes
+
+    viewer, _, widget, _ = ran
+    seg_path, boxes_path = widget.save(tmp_path / "ct")
+    saved = omezarr.open_label_image(seg_path)
+    assert saved.shape == SHAPE
+    np.testing.assert_array_equal(saved.levels[0][:], viewer.layers["ct segmentation"].data)
+    np.testing.assert_array_equal(read_boxes_csv(boxes_path), widget.current_boxes())
+    [layer] = viewer.open(str(boxes_path), plugin=PLUGIN)
+    assert layer.ndim == 3 and len(layer.data) == len(viewer.layers["ct boxes"].data)
+    again = write_boxes(str(tmp_path / "again.boxes.csv"), layer.data, {"features": layer.features})
+    np.testing.assert_array_equal(read_boxes_csv(again[0]), widget.current_boxes())

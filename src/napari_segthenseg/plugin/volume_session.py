@@ -92,6 +92,18 @@ def rectangles_to_boxes3d(shapes: list[np.ndarray], shape_types: list[str], ids:
     return ShapeBoxes(boxes, odd, int((~inside).sum()) - (len(raw) - len(boxes)), len(raw) - len(boxes))
 
 
+def layer_boxes3d(shapes: list[np.ndarray], ids: object) -> np.ndarray:
+    """The 3D boxes a volume's boxes layer draws (vertices ``..., z, y, x``; ``box`` ids), as they
+    are drawn: each id's slices and the window of its first rectangle."""
+    verts = [np.asarray(v, dtype=float)[:, -3:] for v in shapes]
+    if not verts:
+        return NO_BOXES_3D.copy()
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = np.where(ids < 0, ids.max() + 1 + np.arange(len(ids)), ids)  # drawn by hand: one box each
+    top = np.ceil(np.max([v.max(0) for v in verts], axis=0)).astype(int) + 1  # nothing is clipped
+    return rectangles_to_boxes3d(verts, [RECTANGLE] * len(verts), ids, NO_BOXES_3D, tuple(top), 0).boxes
+
+
 class VolumeSession(Session):
     """A whole volume held in memory (``plane.depth`` slices), segmented with 3D boxes."""
 
