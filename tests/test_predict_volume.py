@@ -53,7 +53,8 @@ def test_volumes_open_by_their_metadata_and_time_series_are_refused(tmp_path):
     vol = RNG.integers(0, 255, (5, 48, 64), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "z.ome.tif", vol, metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "pages.tif", vol)  # a plain multi-page TIFF: pages are slices
-    tifffile.imwrite(tmp_path / "zc.tif", RNG.integers(0, 255, (4, 48, 64, 3), dtype=np.uint8), photometric="rgb")
+    rgb = RNG.integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "zc.tif", rgb, photometric="rgb")
     write_ome_zarr(tmp_path / "z.ome.zarr", [vol[None], vol[None, :, ::2, ::2]], ["c", "z", "y", "x"])
     for name, shape in [("z.ome.tif", (5, 48, 64)), ("pages.tif", (5, 48, 64)), ("zc.tif", (4, 48, 64, 3)),
                         ("z.ome.zarr", (5, 48, 64))]:
@@ -96,7 +97,8 @@ def test_predict_on_a_zyx_tiff_writes_a_same_shape_3d_mask(model_file, tmp_path,
     assert main(["--model", str(model_file), str(path), "--out", str(tmp_path / "o")]) == 0
     assert "1 image(s) already done" in capsys.readouterr().err
     assert main(["--model", str(model_file), str(path), "--out", str(tmp_path / "l"), "--labels"]) == 0
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "l" / "ct_labels.tif"), label_objects(expected.mask))
+    labels = tifffile.imread(tmp_path / "l" / "ct_labels.tif")
+    np.testing.assert_array_equal(labels, label_objects(expected.mask))
 
 
 def test_predict_finds_the_objects_with_3d_boxes(tmp_path):

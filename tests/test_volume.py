@@ -111,7 +111,7 @@ def test_3d_boxes_csv_round_trip_and_2d_unchanged(tmp_path):
 def test_an_object_across_slices_is_one_3d_box(volume):
     vol, objects = volume
     engine = Engine(make_threshold_model(S), "cpu")
-    res = segment_volume(engine, vol, options=VolumeOptions(z_pad=1))
+    res = segment_volume(engine, vol, options=VolumeOptions(z_pad=1, z_smooth=0))
     assert res.boxes.shape == (3, 6) and res.mask.shape == SHAPE
     zs = {(b[0], b[3]) for b in res.boxes.tolist()}
     assert zs == {(2, 11), (9, 12), (0, 4)}  # ball 3-9, blob 10, corner 0-2; each padded by 1, clamped
@@ -124,17 +124,18 @@ def test_an_object_across_slices_is_one_3d_box(volume):
     ids = label_objects(res.mask)
     assert len(np.unique(ids[objects["ball"]])) == 1 and ids.max() == 3  # one 3D id per object
     # objects on one slice only: kept by default, dropped as noise with min_slices=2
-    strict = segment_volume(engine, vol, options=VolumeOptions(z_pad=1, min_slices=2))
+    strict = segment_volume(engine, vol, options=VolumeOptions(z_pad=1, min_slices=2, z_smooth=0))
     assert len(strict.boxes) == 2 and not strict.mask[10].any()
 
 
 def test_identical_slices_give_the_2d_result_on_every_slice(dsb_image):
     img, _ = dsb_image
     engine = Engine(make_tiny_model(S, seed=3), "cpu")
-    res = segment_volume(engine, np.stack([img] * 3), options=VolumeOptions(z_pad=0))
+    res = segment_volume(engine, np.stack([img] * 3), options=VolumeOptions(z_pad=0))  # smoothing: no-op
     flat = engine.segment(img)
     assert len(res.boxes) == len(flat.boxes)
-    np.testing.assert_array_equal(np.unique(res.boxes[:, [1, 2, 4, 5]], axis=0), np.unique(flat.boxes, axis=0))
+    windows = np.unique(res.boxes[:, [1, 2, 4, 5]], axis=0)
+    np.testing.assert_array_equal(windows, np.unique(flat.boxes, axis=0))
     for z in range(3):
         np.testing.assert_array_equal(res.mask[z], flat.mask)
 
@@ -191,3 +192,60 @@ def test_3d_label_image_round_trip(tmp_path):
     assert [lv.shape for lv in image.levels] == [(20, 700, 600), (20, 350, 300)]
     np.testing.assert_array_equal(image.levels[0][:], labels)
     np.testing.assert_array_equal(image.levels[1][:], omezarr.max_pool2(labels))
+
+
+def test_a_dask_cluster_reopens_the_volume_and_gives_the_same_chunks(volume, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    import tifffile
+
+    from napari_segthenseg.engine.reader import open_image
+
+    vol, _ = volume
+    path = tmp_path / "vol.ome.tif"
+    tifffile.imwrite(path, vol, metadata={"axes": "ZYX"})
+    engine = Engine(make_tiny_model(S, channels=1, seed=1), "cpu")
+    src = VolumeSource(open_image(path, volume=True).levels, name=str(path))
+    local = omezarr.create(tmp_path / "local.ome.zarr", SHAPE, 64, z_chunk=4)
+    drive(walk_volume(engine, src, output=VolumeChunked(local.levels[0], 64, 4)))
+    remote = omezarr.create(tmp_path / "cluster.ome.zarr", SHAPE, 64, z_chunk=4)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        res = drive(walk_volume(engine, src, output=VolumeChunked(remote.levels[0], 64, 4, client=client,
+                                                                  source_path=str(path))))
+    assert res.counts["chunks"] > 1 and len(res.boxes)
+    np.testing.assert_array_equal(np.asarray(local.levels[0][:]), np.asarray(remote.levels[0][:]))
+
+
+def test_a_drifting_object_is_cut_into_tracks_padded_only_at_its_ends():
+    """A tube moving 3 px per slice: one 26-connected object. growth=None: one box whose window
+    covers its whole path (SPEC 2d's rule); growth=1: boxes whose window stays as tight as the
+    tube, chained along z, padded in z only where the object begins and ends."""
+    from napari_segthenseg.engine.tracks import track_boxes
+
+    mask = np.zeros((12, 64, 64), bool)
+    for z in range(1, 11):
+        mask[z, 10:18, 5 + 3 * z:13 + 3 * z] = True
+    one = track_boxes(mask, lambda b: b, None)
+    assert one.boxes.tolist() == [[1, 10, 8, 11, 18, 43]] and one.depth.tolist() == [10]
+    cut = track_boxes(mask, lambda b: b, 1.0)
+    assert len(cut.boxes) > 3 and (cut.boxes[:, 5] - cut.boxes[:, 2] <= 8).all()
+    assert sorted(cut.boxes[:, [0, 3]].ravel().tolist())[0] == 1 and cut.boxes[:, 3].max() == 11
+    assert (cut.depth == 10).all()  # every track knows its object's depth (for min_slices)
+    boxes = finalize_boxes_3d(cut.boxes, mask.shape, 2, 1, objects=cut.objects)
+    starts, ends = sorted(boxes[:, 0].tolist()), sorted(boxes[:, 3].tolist())
+    raw_starts, raw_ends = sorted(cut.boxes[:, 0].tolist()), sorted(cut.boxes[:, 3].tolist())
+    assert starts == [0, *raw_starts[1:]] and ends == [*raw_ends[:-1], 12]
+
+
+def test_the_average_along_z_keeps_empty_slices_and_thin_objects():
+    from napari_segthenseg.engine.volume_out import smoothed
+
+    probs = np.zeros((5, 4, 4), np.float32)
+    probs[1:4] = 0.9
+    probs[2, 0, 0] = 0.0  # a hole on one slice is filled from its neighbours
+    probs[3, 3, 3] = 0.0
+    assert smoothed(probs, 2, 1)[0, 0] == pytest.approx(0.6)
+    np.testing.assert_array_equal(smoothed(probs, 0, 2), probs[0])  # empty stays empty
+    thin = np.zeros((3, 4, 4), np.float32)
+    thin[1] = 0.8
+    np.testing.assert_array_equal(smoothed(thin, 1, 1), thin[1])  # one slice: not erased

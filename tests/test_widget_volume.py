@@ -124,7 +124,8 @@ def test_z_range_from_the_panel_and_boxes_drawn_or_deleted_by_hand(ran, qtbot):
     k = int(np.argmax(before[:, 3] - before[:, 0]))
     boxes_layer.selected_data = {rectangles_of(boxes_layer, k)[0]}
     widget._on_box_selection()
-    assert widget.z_from.enabled and (widget.z_from.value, widget.z_to.value) == (before[k, 0], before[k, 3] - 1)
+    assert widget.z_from.enabled
+    assert (widget.z_from.value, widget.z_to.value) == (before[k, 0], before[k, 3] - 1)
     crops.clear()
     widget.z_to.value = SHAPE[0] - 1  # down to the last slice
     qtbot.waitUntil(lambda: not widget.busy, timeout=30000)
@@ -135,7 +136,8 @@ def test_z_range_from_the_panel_and_boxes_drawn_or_deleted_by_hand(ran, qtbot):
     # a box drawn by hand on slice 5 spans the set number of slices around it
     widget.z_span.value = 1
     crops.clear()
-    boxes_layer.add_rectangles([np.array([[5, 10.5, 80.5], [5, 10.5, 100.5], [5, 30.5, 100.5], [5, 30.5, 80.5]])])
+    corners = [[5, 10.5, 80.5], [5, 10.5, 100.5], [5, 30.5, 100.5], [5, 30.5, 80.5]]
+    boxes_layer.add_rectangles([np.array(corners)])
     qtbot.waitUntil(lambda: not widget.busy, timeout=30000)
     drawn = widget.current_boxes()
     assert drawn[-1].tolist() == [4, 11, 81, 7, 31, 101] and len(np.concatenate(crops)) == 3

@@ -175,24 +175,29 @@ def changed_boxes(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def finalize_boxes_3d(raw: np.ndarray, shape: tuple[int, int, int], pad: int, z_pad: int,
-                      min_box: int = MIN_BOX, min_slices: int = MIN_SLICES) -> np.ndarray:
-    """Full-res 3D component boxes -> a volume's StS boxes (docs/VOLUMES.md).
+                      min_box: int = MIN_BOX, min_slices: int = MIN_SLICES,
+                      objects: np.ndarray | None = None) -> np.ndarray:
+    """Full-res 3D object boxes -> a volume's StS boxes (docs/VOLUMES.md).
 
-    The y/x window is the 2D rule on the component's extent over all its slices (dropped under
+    The y/x window is the 2D rule on the object's extent over all its slices (dropped under
     ``min_box`` px, made square, padded by ``pad``, shifted inside, clamped); the z-range is
-    padded by ``z_pad`` slices and clamped to the volume's ends. Components on fewer than
-    ``min_slices`` slices are dropped. Every slice of the component shares the one window.
+    padded by ``z_pad`` slices at the object's ends and clamped to the volume's ends. Objects on
+    fewer than ``min_slices`` slices are dropped. ``objects`` (N, 2): the z-range of the whole
+    object each box is a part of (a track, :mod:`.tracks`; default: the box's own), so that the
+    parts of one object are not padded into one another. Every slice of a box shares one window.
     """
     raw = np.asarray(raw, dtype=np.int64).reshape(-1, 6)
-    raw = raw[(raw[:, 3] - raw[:, 0]) >= max(1, int(min_slices))]
+    objects = raw[:, [0, 3]] if objects is None else np.asarray(objects, dtype=np.int64).reshape(-1, 2)
+    keep = (objects[:, 1] - objects[:, 0]) >= max(1, int(min_slices))
+    raw, objects = raw[keep], objects[keep]
     yx = raw[:, [1, 2, 4, 5]]
     keep = ((yx[:, 2] - yx[:, 0]) >= min_box) & ((yx[:, 3] - yx[:, 1]) >= min_box)
-    raw, yx = raw[keep], yx[keep]
+    raw, yx, objects = raw[keep], yx[keep], objects[keep]
     if len(raw) == 0:
         return NO_BOXES_3D.copy()
     win = np.stack([square_pad_shift(b, shape[1:], pad) for b in yx])
-    z0 = np.clip(raw[:, 0] - int(z_pad), 0, shape[0])
-    z1 = np.clip(raw[:, 3] + int(z_pad), 0, shape[0])
+    z0 = np.clip(raw[:, 0] - np.where(raw[:, 0] <= objects[:, 0], int(z_pad), 0), 0, shape[0])
+    z1 = np.clip(raw[:, 3] + np.where(raw[:, 3] >= objects[:, 1], int(z_pad), 0), 0, shape[0])
     return np.stack([z0, win[:, 0], win[:, 1], z1, win[:, 2], win[:, 3]], 1).astype(np.int64)
 
 

@@ -30,27 +30,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .boxes import (
-    MIN_SLICES,
-    NO_BOXES_3D,
-    clip_boxes_3d,
-    component_boxes,
-    finalize_boxes_3d,
-    scale_boxes,
-)
+from .boxes import MIN_SLICES, NO_BOXES_3D, clip_boxes_3d, finalize_boxes_3d, scale_boxes
 from .image import NormStats, VolumeSource, compute_stats
-from .limits import IN_MEMORY_MASK_PX
 from .localnorm import Windows
 from .pipeline import Engine
 from .progress import Progress, Steps, drive
-from .rough import lazy_component_boxes, rough_pass, windows_for
+from .rough import rough_pass, windows_for
 from .scale import RoughPlan
-from .volume_out import YX, VolumeChunked, VolumeFine, VolumeInMemory
+from .tracks import track_boxes
+from .volume_out import VolumeChunked, VolumeFine, VolumeInMemory
 
 Z_PAD = 1  # slices added above and below each object's z-range (docs/VOLUMES.md: measured)
 SLAB = 32  # slices read, or sent through the rough net, between progress reports
 NORMS = ("slice", "volume")
-LAZY_LABEL_CHUNK = (64, 2048, 2048)  # dask-image chunks when the rough stack lives on disk
+Z_SMOOTH = 2  # slices on each side that a box's fine probabilities are averaged over (measured)
+GROWTH = 1.0  # a 3D box's window may grow to this many times its object's largest slice (measured)
 VolumeOutput = VolumeInMemory | VolumeChunked
 
 
@@ -61,10 +55,15 @@ class VolumeOptions:
     z_pad: int = Z_PAD
     min_slices: int = MIN_SLICES
     norm: str = "slice"
+    growth: float | None = GROWTH  # None: one window for all the slices of an object
+    z_smooth: int = Z_SMOOTH  # slices on each side a box's fine probabilities are averaged over
 
     def __post_init__(self) -> None:
-        if self.z_pad < 0 or self.min_slices < 1:
-            raise ValueError(f"z_pad must be >= 0 and min_slices >= 1, got {self.z_pad}, {self.min_slices}")
+        if self.z_pad < 0 or self.min_slices < 1 or self.z_smooth < 0:
+            raise ValueError(f"z_pad and z_smooth must be >= 0 and min_slices >= 1, got {self.z_pad}, "
+                             f"{self.z_smooth}, {self.min_slices}")
+        if self.growth is not None and not self.growth >= 1:
+            raise ValueError(f"growth must be at least 1 (or None), got {self.growth}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown volume normalisation {self.norm!r}; choose one of {NORMS}")
 
@@ -148,27 +147,26 @@ def volume_windows(core: Engine, vol: VolumeSource, plan: RoughPlan, norm: str =
 
 def volume_boxes(rough: VolumeRough, shape: tuple[int, int, int], pad: int, min_box: int,
                  options: VolumeOptions) -> np.ndarray:
-    """Step 2 in 3D: the 26-connected components of the stacked rough masks as 3D boxes.
+    """Step 2 in 3D: the stacked rough masks' objects (26-connected) as 3D boxes.
 
-    Components are labelled on the rough grid, their y/x extents scaled to full resolution as
-    :func:`.rough.rough_boxes` does per image, then the 3D rules applied
-    (:func:`~.boxes.finalize_boxes_3d`).
+    Objects are followed on the rough grid (:func:`.tracks.track_boxes`), their y/x extents
+    scaled to full resolution as :func:`.rough.rough_boxes` does per image, then the 3D rules
+    applied (:func:`~.boxes.finalize_boxes_3d`).
     """
     mask = rough.mask
-    if isinstance(mask, np.ndarray) or int(np.prod(mask.shape)) <= IN_MEMORY_MASK_PX:
-        raw = component_boxes(np.asarray(mask[...]))
-    else:
-        raw = lazy_component_boxes(mask, chunk=LAZY_LABEL_CHUNK)
-    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 6)
     rh, rw = (int(v) for v in mask.shape[1:])
     hw = shape[1:]
     if rough.plan.tiled:
         f = rough.plan.scale
-        yx = scale_boxes(raw[:, YX], (rh, rw), (rh * f, rw * f))
-        raw[:, YX] = np.minimum(yx, (hw[0], hw[1], hw[0], hw[1]))
+
+        def to_full(b: np.ndarray) -> np.ndarray:
+            return np.minimum(scale_boxes(b, (rh, rw), (rh * f, rw * f)), (hw[0], hw[1], hw[0], hw[1]))
     else:
-        raw[:, YX] = scale_boxes(raw[:, YX], (rh, rw), hw)
-    return finalize_boxes_3d(raw, shape, pad, options.z_pad, min_box, options.min_slices)
+        def to_full(b: np.ndarray) -> np.ndarray:
+            return scale_boxes(b, (rh, rw), hw)
+    found = track_boxes(mask, to_full, options.growth)
+    return finalize_boxes_3d(found.boxes, shape, pad, options.z_pad, min_box, options.min_slices,
+                             found.objects)
 
 
 def walk_volume(engine: Engine, volume: object, boxes: np.ndarray | None = None, *,
@@ -208,7 +206,7 @@ def walk_volume(engine: Engine, volume: object, boxes: np.ndarray | None = None,
         mask = np.stack([engine.upsample(p, vol.hw) for p in rough.prob])
         return VolumeResult(vol.shape, boxes, None, mask, stats, rough, dict(engine.timings),
                             dict(engine.counts))
-    fine: VolumeFine = yield from output.run(engine, vol, boxes, stats)
+    fine: VolumeFine = yield from output.run(engine, vol, boxes, stats, options.z_smooth)
     for total, part in ((engine.timings, fine.timings), (engine.counts, fine.counts)):
         for k, v in part.items():
             total[k] = total.get(k, 0) + v

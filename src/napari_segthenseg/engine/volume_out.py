@@ -62,6 +62,23 @@ def spanning(boxes: np.ndarray, z: int) -> np.ndarray:
     return np.flatnonzero((boxes[:, 0] <= z) & (boxes[:, 3] > z))
 
 
+def smoothed(probs: np.ndarray, j: int, k: int, threshold: float = 0.5) -> np.ndarray:
+    """Slice ``j`` of one box's ``(nz, S, S)`` fine probabilities, averaged with up to ``k`` of its
+    slices on each side. A 3D box has one window on all its slices, so its maps are aligned pixel
+    to pixel: the average is along z at each place of the object (docs/VOLUMES.md). Only slices
+    where the fine net found something in the box (a pixel over ``threshold``) take part: an
+    empty slice stays empty (an object is not extended past its end) and does not erase an
+    object next to it (one on a single slice)."""
+    if k <= 0:
+        return probs[j]
+    lo = max(0, j - k)
+    window = probs[lo:j + k + 1]
+    found = window.reshape(len(window), -1).max(axis=1) >= threshold
+    if not found[j - lo]:
+        return probs[j]
+    return window[found].mean(axis=0)
+
+
 def slice_crops(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows) -> torch.Tensor:
     """Normalised crops of the 2D ``boxes`` of one slice, from one read of the pixels under them."""
     if core.fits(src):
@@ -123,9 +140,10 @@ class VolumeInMemory:
         hw = shape[1:]
         return {z: (max(r[0], 0), max(r[1], 0), min(r[2], hw[0]), min(r[3], hw[1])) for z, r in out.items()}
 
-    def run(self, core: Core, vol: VolumeSource, boxes: np.ndarray, stats: list[Windows]
+    def run(self, core: Core, vol: VolumeSource, boxes: np.ndarray, stats: list[Windows], smooth: int = 0
             ) -> Steps[VolumeFine]:
-        """Refine the boxes without a known result (each distinct box once), then fuse."""
+        """Refine the boxes without a known result (each distinct box once), then fuse (each box's
+        probabilities averaged over ``smooth`` slices on each side, :func:`smoothed`)."""
         s, depth, hw = core.settings.size, vol.depth, vol.hw
         probs: list[np.ndarray] = []
         first: dict[tuple[int, ...], int] = {}
@@ -143,7 +161,7 @@ class VolumeInMemory:
         new = np.asarray(todo, dtype=np.int64)
         mask = np.zeros(vol.shape, dtype=bool) if self.base is None else self.base.copy()
         regions = self._regions(vol.shape)
-        crops = 0
+        crops = fused = 0
         for z0 in range(0, depth, SLAB):
             z1 = min(z0 + SLAB, depth)
             yield Progress(f"fine pass: slice {z0 + 1}/{depth}", z0, depth)
@@ -154,14 +172,17 @@ class VolumeInMemory:
                 for i, prob in zip(idx, p, strict=True):
                     probs[i][z - boxes[i, 0]] = prob
                 crops += len(idx)
-            for z in range(z0, z1):
+            ready = depth if z1 == depth else max(z1 - smooth, 0)  # slices whose neighbours are refined
+            for z in range(fused, ready):
                 region = (0, 0, *hw) if regions is None else regions.get(z)
                 if region is None:
                     continue
                 on = spanning(boxes, z)
-                p = np.stack([probs[i][z - boxes[i, 0]] for i in on]) if len(on) else np.zeros((0, s, s))
+                p = np.stack([smoothed(probs[i], z - boxes[i, 0], smooth, core.settings.threshold)
+                              for i in on]) if len(on) else np.zeros((0, s, s))
                 mask[z, region[0]:region[2], region[1]:region[3]] = core.fuse(
                     p, boxes[on][:, YX], hw, region=region)
+            fused = ready
         yield Progress("fine pass", depth, depth)
         return VolumeFine(mask, probs, counts={"refined": len(new), "slice_crops": crops})
 
@@ -197,13 +218,14 @@ class VolumeChunked:
         return zarr.open_array(str(Path(self.scratch) / "rough_masks.zarr"), mode="w", shape=shape,
                                chunks=(self.z_chunk, 2048, 2048), dtype=bool, fill_value=False)
 
-    def run(self, core: Core, vol: VolumeSource, boxes: np.ndarray, stats: list[Windows]
+    def run(self, core: Core, vol: VolumeSource, boxes: np.ndarray, stats: list[Windows], smooth: int = 0
             ) -> Steps[VolumeFine]:
         """Steps 3-4 chunk by chunk: every chunk with boxes (or the given ``regions``)."""
         regions = self.regions if self.regions is not None else chunk_regions(
             boxes, vol.shape, self.z_chunk, self.chunk)
         items = [(r, boxes[boxes_touching_3d(boxes, r)]) for r in regions]
-        job = VolumeJob(core.model, str(core.device), vol, stats, self.array, overwrite=self.overwrite)
+        job = VolumeJob(core.model, str(core.device), vol, stats, self.array, overwrite=self.overwrite,
+                        smooth=smooth)
         times, counts = yield from run_tasks(run_volume_chunk, job, items, self.client, self.threads,
                                              self.source_path)
         counts["refined"] = len(boxes)
@@ -241,6 +263,7 @@ class VolumeJob:
     array: object
     memory_mb: float = CHUNK_MEMORY_MB
     overwrite: bool = False
+    smooth: int = 0  # slices each side that a box's probabilities are averaged over
     token: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -266,12 +289,24 @@ def run_volume_chunk(job: VolumeJob, region: Region3, boxes: np.ndarray
     vol = _volume_for(job)
     z0, y0, x0, z1, y1, x1 = region
     out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=bool)
+    k = job.smooth
     try:
-        jobs = [(z, boxes[spanning(boxes, z)][:, YX]) for z in range(z0, z1)]
-        jobs = [(z, b) for z, b in jobs if len(b)]
-        for j, probs in refine_slices(core, vol, jobs, job.stats):
-            z, b = jobs[j]
-            out[z - z0] = core.fuse(probs, b, vol.hw, region=(y0, x0, y1, x1))
+        # the chunk's slices and, for the average along z, up to k more on each side
+        jobs = [(z, spanning(boxes, z)) for z in range(max(z0 - k, 0), min(z1 + k, vol.depth))]
+        jobs = [(z, idx) for z, idx in jobs if len(idx)]
+        got: dict[int, dict[int, np.ndarray]] = {}  # box -> slice -> probabilities
+        for j, probs in refine_slices(core, vol, [(z, boxes[idx][:, YX]) for z, idx in jobs], job.stats):
+            z, idx = jobs[j]
+            for i, p in zip(idx, probs, strict=True):
+                got.setdefault(int(i), {})[z] = p
+        for z in range(z0, z1):
+            on = spanning(boxes, z)
+            if len(on) == 0:
+                continue
+            p = np.stack([smoothed(np.stack([got[int(i)][w] for w in range(max(z - k, boxes[i, 0]),
+                                                                            min(z + k + 1, boxes[i, 3]))]),
+                                   z - max(z - k, boxes[i, 0]), k, core.settings.threshold) for i in on])
+            out[z - z0] = core.fuse(p, boxes[on][:, YX], vol.hw, region=(y0, x0, y1, x1))
         with core.timed("write"):
             if job.overwrite or out.any():  # all-background chunks stay unwritten (the fill value)
                 job.array[z0:z1, y0:y1, x0:x1] = out.astype(np.uint8)
