@@ -33,7 +33,7 @@ from ..engine.image import VolumeSource
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import drive
 from ..engine.reader import OpenedImage, stem_of
-from ..engine.volume import NORMS, Z_PAD, VolumeOptions, walk_volume
+from ..engine.volume import GROWTH, NORMS, Z_PAD, Z_SMOOTH, VolumeOptions, walk_volume
 from ..engine.volume_out import VolumeChunked
 from .common import CliError, StageBars
 
@@ -48,13 +48,20 @@ def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--volume-norm", choices=NORMS, default="slice",
                        help="intensity window per slice (as training saw slices; the default) or one for "
                             "the whole volume")
+    group.add_argument("--z-smooth", type=int, default=Z_SMOOTH, metavar="N",
+                       help=f"average each box's fine results over N slices on each side "
+                            f"(default {Z_SMOOTH}; 0: off)")
+    group.add_argument("--growth", default=str(GROWTH), metavar="F",
+                       help=f"a 3D box follows its object while its window stays within F times the object's "
+                            f"largest slice (default {GROWTH:g}); 'none': one window per object")
 
 
 def volume_options(args: argparse.Namespace) -> VolumeOptions:
     try:
-        return VolumeOptions(args.z_pad, args.min_slices, args.volume_norm)
+        growth = None if str(args.growth).lower() == "none" else float(args.growth)
+        return VolumeOptions(args.z_pad, args.min_slices, args.volume_norm, growth, args.z_smooth)
     except ValueError as exc:
-        raise CliError(f"--z-pad/--min-slices: {exc}") from exc
+        raise CliError(f"volume options: {exc}") from exc
 
 
 def write_volume_tif(array: np.ndarray, path: Path) -> None:
