@@ -258,7 +258,7 @@ def cmd_large(args: argparse.Namespace) -> dict:
     report = work / "report.jsonl"
     cmd = [str(Path(sys.executable).with_name("segthenseg-predict")), str(vol), "--out", str(work / "out"),
            "--model", args.model, "--format", "ome-zarr", "--threads", str(args.threads),
-           "--report", str(report)]
+           "--report", str(report)] + (["--rough-scale", str(args.rough_scale)] if args.rough_scale else [])
     env_threads = os.environ.get("OMP_NUM_THREADS")
     run = run_child(cmd)
     line = json.loads(report.read_text().splitlines()[-1])
@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     large.add_argument("--gt")
     large.add_argument("--model", required=True)
     large.add_argument("--threads", type=int, default=2)
+    large.add_argument("--rough-scale", type=float,
+                       help="passed on: image px per rough px (a volume resampled finer than the training "
+                            "images needs the training's scale times the resampling)")
     large.add_argument("--work", default="runs/bench/volumes")
     large.add_argument("--keep", action="store_true")
     for sp in (ct, build, large):

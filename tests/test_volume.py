@@ -249,3 +249,25 @@ def test_the_average_along_z_keeps_empty_slices_and_thin_objects():
     thin = np.zeros((3, 4, 4), np.float32)
     thin[1] = 0.8
     np.testing.assert_array_equal(smoothed(thin, 1, 1), thin[1])  # one slice: not erased
+
+
+def test_slices_beyond_the_trained_size_are_read_whole_at_the_trained_scale(volume):
+    """Slices twice the training images' side: each read whole at the trained scale with one window
+    (as a training image), batched; larger ones: tiles with local windows, slice by slice."""
+    from napari_segthenseg.engine.scale import TrainedScale
+    from napari_segthenseg.engine.volume import describe_plan, whole_slices
+
+    vol, objects = volume  # 96 x 128 slices
+    model = make_threshold_model(S)
+    model.settings.trained_scale = TrainedScale(median=2.0, low=2.0, high=2.0, aspect=1.0, window=64)
+    engine = Engine(model, "cpu")
+    plan = engine.plan(SHAPE[1:])
+    assert plan.tiled and plan.scale == 2.0 and whole_slices(plan, SHAPE[1:])
+    assert describe_plan(plan, SHAPE[1:]) == "each slice whole at 2 image px per rough px"
+    res = segment_volume(engine, vol, options=VolumeOptions(z_smooth=0))
+    assert res.rough.mask.shape == (SHAPE[0], 48, 64) and res.counts["rough_px"] == SHAPE[0] * 48 * 64
+    assert len(res.boxes) == 3 and dice(res.mask, np.any(list(objects.values()), axis=0)) > 0.9
+    big = np.pad(vol, ((0, 0), (0, 64), (0, 64)), constant_values=20)  # 160 x 192: beyond 2 x 64
+    assert not whole_slices(engine.plan(big.shape[1:]), big.shape[1:])
+    tiled = segment_volume(engine, big, options=VolumeOptions(z_smooth=0))
+    assert len(tiled.boxes) == 3

@@ -33,7 +33,7 @@ from ..engine.image import VolumeSource
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import drive
 from ..engine.reader import OpenedImage, stem_of
-from ..engine.volume import GROWTH, NORMS, Z_PAD, Z_SMOOTH, VolumeOptions, walk_volume
+from ..engine.volume import GROWTH, NORMS, Z_PAD, Z_SMOOTH, VolumeOptions, describe_plan, walk_volume
 from ..engine.volume_out import VolumeChunked
 from .common import CliError, StageBars
 
@@ -111,7 +111,7 @@ def predict_volume_file(engine: Engine, opened: OpenedImage, path: Path, out: Pa
     write_boxes_csv(boxes_path, res.boxes)  # last: the volume is done when its boxes file exists
     if report is not None:
         line = {"input": str(path), "output": str(seg_path), "shape": list(vol.shape), "kind": opened.kind,
-                "rough": engine.plan(vol.hw).describe(), "boxes": len(res.boxes),
+                "rough": describe_plan(engine.plan(vol.hw), vol.hw), "boxes": len(res.boxes),
                 "seconds": time.perf_counter() - t0, "timings": res.timings, "counts": res.counts}
         with open(report, "a") as fh:
             fh.write(json.dumps(line) + "\n")

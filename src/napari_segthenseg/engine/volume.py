@@ -1,37 +1,43 @@
 """Volumes: Segment-then-Segment on a whole z-stack with 3D boxes (SPEC 2d, docs/VOLUMES.md).
 
 The paper segments CT slice by slice and names 3D as future work. Here the rough net runs on
-every slice (the paper's S x S pass, slices batched; or tiles at the trained scale when slices
-are larger than the training images), the stacked rough masks are labelled in 3D
-(26-connected), and each component becomes one 3D box ``(z0, y0, x0, z1, y1, x1)``: its
-z-range padded by ``z_pad`` slices and clamped to the volume, and one square y/x window (the 2D
-rules on its extent over all its slices) shared by every slice. The fine net segments each
-slice's crop of each box (the crops of many slices as one batch), and the results fuse per
-slice (OR) into a 3D mask: in memory or chunk by chunk to disk (:mod:`.volume_out`).
+every slice, slices batched: each at S x S (the paper's pass), or, when slices are larger than
+the training images, whole at the trained scale (up to ``WHOLE_SLICE`` training images across,
+one intensity window per slice as in training) or in tiles with local windows (larger, slide-
+like slices; docs/WHOLE_SLIDES.md). The stacked rough masks' objects are 26-connected, and are
+followed from slice to slice as *tracks* (:mod:`.tracks`): each track is one 3D box
+``(z0, y0, x0, z1, y1, x1)``, a z-range and one square y/x window (the 2D rules on its extent
+over its slices) shared by all its slices; an object that drifts in y/x (a curving vessel) is
+cut into several tracks, since one window over its whole path is far larger than what the fine
+net was trained on (measured: docs/VOLUMES.md). The fine net segments each slice's crop of
+each box (the crops of many slices as one batch); within a box the slices' results are aligned
+pixel to pixel, and are averaged along z (``z_smooth``) before they fuse per slice (OR) into a
+3D mask, in memory or chunk by chunk to disk (:mod:`.volume_out`).
 
-Where the 3D rule differs from slice-by-slice StS (docs/VOLUMES.md measures both):
+Where the 3D rules differ from slice-by-slice StS (docs/VOLUMES.md measures each):
 
 * an object seen on one slice only is kept by default (``min_slices=1``) and gets a box over
-  that slice +- ``z_pad``; ``min_slices=2`` drops such components as rough-net noise;
-* a component under ``min_box`` px in y or x over all its slices is dropped; it is under that
-  size on each of its slices too, so slice-by-slice StS drops it as well;
-* ``z_pad`` gives the fine net the slices next to each rough object: objects the rough net
-  missed there are found again.
+  that slice +- ``z_pad``; ``min_slices=2`` drops such objects as rough-net noise;
+* an object's z-range is padded by ``z_pad`` slices at its ends (not between the tracks of one
+  object), so the fine net looks at the slices where the rough net may have missed it;
+* a track under ``min_box`` px in y or x over all its slices is dropped; it is under that size
+  on each of its slices too, so slice-by-slice StS drops it as well.
 
 Intensity windows: one per slice (``norm="slice"``, as every training slice had its own) or one
-for the whole volume (``norm="volume"``: the min and max over every slice's S x S copy); tiled
-slices keep their local windows (docs/WHOLE_SLIDES.md) either way.
+for the whole volume (``norm="volume"``: the min and max over every slice's rough input); tiled
+slices keep their local windows either way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .boxes import MIN_SLICES, NO_BOXES_3D, clip_boxes_3d, finalize_boxes_3d, scale_boxes
-from .image import NormStats, VolumeSource, compute_stats
+from .image import ImageSource, NormStats, VolumeSource, compute_stats, match_channels
 from .localnorm import Windows
 from .pipeline import Engine
 from .progress import Progress, Steps, drive
@@ -42,6 +48,7 @@ from .volume_out import VolumeChunked, VolumeFine, VolumeInMemory
 
 Z_PAD = 1  # slices added above and below each object's z-range (docs/VOLUMES.md: measured)
 SLAB = 32  # slices read, or sent through the rough net, between progress reports
+WHOLE_SLICE = 2  # slices up to this many training images across are read whole at the trained scale
 NORMS = ("slice", "volume")
 Z_SMOOTH = 2  # slices on each side that a box's fine probabilities are averaged over (measured)
 GROWTH = 1.0  # a 3D box's window may grow to this many times its object's largest slice (measured)
@@ -72,7 +79,7 @@ class VolumeOptions:
 class VolumeRough:
     """The rough pass of every slice."""
 
-    prob: np.ndarray | None  # (Z, S, S) float32 for the paper's pass; None when tiled
+    prob: np.ndarray | None  # (Z, S, S) float32 for the paper's pass; None at the trained scale
     mask: object  # (Z, rh, rw) bool: NumPy, or an on-disk zarr array
     stats: list[Windows]  # intensity windows per slice
     plan: RoughPlan
@@ -101,14 +108,45 @@ def _volume_norm(stats: list[Windows], norm: str) -> list[Windows]:
     return [one] * len(stats)
 
 
+def whole_slices(plan: RoughPlan, hw: tuple[int, int]) -> bool:
+    """Whether a tiled plan's slices are read whole at its scale (one window per slice) rather
+    than in tiles with local windows: slices up to ``WHOLE_SLICE`` training images across are
+    one image each, as a CT slice at twice the training resolution is (docs/VOLUMES.md)."""
+    return plan.tiled and max(hw) <= WHOLE_SLICE * (plan.window or 0)
+
+
+def describe_plan(plan: RoughPlan, hw: tuple[int, int]) -> str:
+    """How the rough net sees a volume's slices (for reports and the plugin's status)."""
+    if not plan.tiled:
+        return "each slice whole at S x S (the paper's rough pass)"
+    how = "whole" if whole_slices(plan, hw) else "in tiles"
+    return f"each slice {how} at {plan.scale:g} image px per rough px"
+
+
+def _slice_input(core: Engine, src: ImageSource, plan: RoughPlan) -> tuple[torch.Tensor, Windows]:
+    """One slice as the rough net's input (C, h, w) and its intensity window: at S x S (the
+    paper's pass), or whole at the plan's scale padded to what the U-Net's poolings divide."""
+    s = core.settings
+    if not plan.tiled:
+        small = core.small(src)
+        return small, compute_stats(small, s.normalisation, src.dtype)
+    f = plan.scale
+    rh, rw = plan.rough_hw(src.hw, s.size)
+    step = 2 ** core.rough_net.depth
+    ih, iw = math.ceil(rh / step) * step, math.ceil(rw / step) * step
+    t = match_channels(src.read_scaled(0, 0, ih * f, iw * f, f, (ih, iw), core.device), s.in_channels)
+    return t, compute_stats(t[:, :rh, :rw], s.normalisation, src.dtype)
+
+
 def rough_volume(core: Engine, vol: VolumeSource, plan: RoughPlan, norm: str = "slice",
                  mask_out: object | None = None) -> Steps[VolumeRough]:
-    """Step 1 on every slice. The paper's pass reads each slice at S x S and sends ``SLAB`` slices
-    at a time through the rough net; tiled slices go one by one (:func:`.rough.rough_pass`)."""
+    """Step 1 on every slice, ``SLAB`` slices at a time through the rough net: each slice at
+    S x S (the paper's pass), or whole at the trained scale (:func:`whole_slices`); larger
+    slices go one by one in tiles with local windows (:func:`.rough.rough_pass`)."""
     s, depth = core.settings, vol.depth
-    if plan.tiled:
-        rough_hw = plan.rough_hw(vol.hw, s.size)
-        mask = np.zeros((depth, *rough_hw), dtype=bool) if mask_out is None else mask_out
+    rough_hw = plan.rough_hw(vol.hw, s.size)
+    mask = np.zeros((depth, *rough_hw), dtype=bool) if mask_out is None else mask_out
+    if plan.tiled and not whole_slices(plan, vol.hw):
         stats = []
         for z in range(depth):
             yield Progress(f"rough pass: slice {z + 1}/{depth}", z, depth)
@@ -116,22 +154,33 @@ def rough_volume(core: Engine, vol: VolumeSource, plan: RoughPlan, norm: str = "
             mask[z] = res.mask
             stats.append(res.stats)
         return VolumeRough(None, mask, stats, plan)
-    smalls, stats = [], []
-    for z0 in range(0, depth, SLAB):
-        yield Progress(f"rough pass: reading slice {z0 + 1}/{depth}", z0, 2 * depth)
-        with core.timed("rough_read"):
-            for z in range(z0, min(z0 + SLAB, depth)):
-                smalls.append(core.small(vol.plane(z)))
-                stats.append(compute_stats(smalls[-1], s.normalisation, vol.dtype))
-    stats = _volume_norm(stats, norm)
-    prob = np.zeros((depth, s.size, s.size), dtype=np.float32)
-    for z0 in range(0, depth, SLAB):
-        yield Progress(f"rough pass: slice {z0 + 1}/{depth}", depth + z0, 2 * depth)
-        z1 = min(z0 + SLAB, depth)
-        x = torch.stack([stats[z].apply(smalls[z]) for z in range(z0, z1)])
+    prob = None if plan.tiled else np.zeros((depth, *rough_hw), dtype=np.float32)  # kept for baselines
+    inputs: dict[int, torch.Tensor] = {}
+    stats: list[Windows] = []
+    rh, rw = rough_hw
+
+    def run(z0: int, z1: int) -> None:
+        x = torch.stack([stats[z].apply(inputs.pop(z)) for z in range(z0, z1)])
         with core.timed("rough_net"):
-            prob[z0:z1] = core.forward(core.rough_net, x).cpu().numpy()
-    return VolumeRough(prob, prob >= s.threshold, stats, plan)
+            p = core.forward(core.rough_net, x)[:, :rh, :rw].cpu().numpy()
+        mask[z0:z1] = p >= s.threshold
+        if prob is not None:
+            prob[z0:z1] = p
+
+    for z0 in range(0, depth, SLAB):
+        z1 = min(z0 + SLAB, depth)
+        yield Progress(f"rough pass: slice {z0 + 1}/{depth}", z0, depth)
+        with core.timed("rough_read"):
+            for z in range(z0, z1):
+                inputs[z], window = _slice_input(core, vol.plane(z), plan)
+                stats.append(window)
+        if norm == "slice":
+            run(z0, z1)
+    if norm != "slice":  # one window over every slice: known once all are read
+        stats = _volume_norm(stats, norm)
+        for z0 in range(0, depth, SLAB):
+            run(z0, min(z0 + SLAB, depth))
+    return VolumeRough(prob, mask, stats, plan)
 
 
 def volume_windows(core: Engine, vol: VolumeSource, plan: RoughPlan, norm: str = "slice"
@@ -141,7 +190,10 @@ def volume_windows(core: Engine, vol: VolumeSource, plan: RoughPlan, norm: str =
     for z in range(vol.depth):
         if z % SLAB == 0:
             yield Progress(f"intensity windows: slice {z + 1}/{vol.depth}", z, vol.depth)
-        stats.append(drive(windows_for(core, vol.plane(z), plan)))
+        if plan.tiled and not whole_slices(plan, vol.hw):
+            stats.append(drive(windows_for(core, vol.plane(z), plan)))
+        else:
+            stats.append(_slice_input(core, vol.plane(z), plan)[1])
     return _volume_norm(stats, norm)
 
 

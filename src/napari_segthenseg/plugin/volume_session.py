@@ -125,8 +125,9 @@ class VolumeSession(Session):
             res = yield from walk_volume(make_engine(), data, options=options)
             yield Progress(f"layers: {len(res.boxes)} boxes", 0, 1)
             out = _result(res)
-            mask = res.rough.mask
-            zoom = (plane.hw[0] / mask.shape[1], plane.hw[1] / mask.shape[2])
+            mask, rough_plan = res.rough.mask, res.rough.plan
+            zoom = (rough_plan.scale, rough_plan.scale) if rough_plan.tiled else (
+                plane.hw[0] / mask.shape[1], plane.hw[1] / mask.shape[2])
             out.layers = {"rough": rough_layer(np.asarray(mask, dtype=np.uint8), names["rough"], plane, zoom),
                           "seg": seg_layer(plane.expand(out.labels), names["segmentation"], plane),
                           "boxes": self.make_boxes_layer(res.boxes, names["boxes"])}

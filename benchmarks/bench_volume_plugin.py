@@ -1,0 +1,141 @@
+"""Is napari live while the plugin segments a volume? (docs/VOLUMES.md)
+
+Opens napari (use ``xvfb-run -a`` without a screen), adds a ZYX volume, docks the plugin and
+presses Run (the whole volume), then moves one box on one slice (an edit of that 3D box), then
+scrolls through the slices. A 20 ms QTimer runs all the while; every gap between its ticks beyond
+20 ms is a stall of the event loop (what a user feels as a frozen window). Reports per phase the
+longest stall, the number over 0.2 s, and the phase's wall time.
+
+    xvfb-run -a .venv/bin/python benchmarks/bench_volume_plugin.py --volume runs/volumes/ct512x150.ome.tif \\
+        --model default --json runs/bench/volume_plugin.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TICK_MS = 20
+
+
+class Meter:
+    """Gaps between ticks of a 20 ms QTimer, by phase."""
+
+    def __init__(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.phase = "start"
+        self.gaps: dict[str, list[float]] = {}
+        self._last: float | None = None
+        self.timer = QTimer()
+        self.timer.setInterval(TICK_MS)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.gaps.setdefault(self.phase, []).append(now - self._last - TICK_MS / 1000)
+        self._last = now
+
+    def summary(self, phase: str) -> dict:
+        gaps = self.gaps.get(phase, [])
+        return {"longest_stall_s": round(max(gaps), 3) if gaps else None,
+                "stalls_over_0.2_s": sum(g > 0.2 for g in gaps), "ticks": len(gaps)}
+
+
+def loop_until(cond, timeout: float) -> bool:
+    """Run the Qt event loop (as napari does) until ``cond()`` or ``timeout`` seconds."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    end = time.perf_counter() + timeout
+    loop = QEventLoop()
+    check = QTimer()
+    check.setInterval(10)
+    check.timeout.connect(lambda: loop.quit() if cond() or time.perf_counter() >= end else None)
+    check.start()
+    while not cond() and time.perf_counter() < end:
+        loop.exec()
+    check.stop()
+    return bool(cond())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--volume", required=True, help="a ZYX TIFF/OME-TIFF or OME-Zarr volume")
+    p.add_argument("--model", default="default")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    import napari
+    import torch
+
+    from napari_segthenseg.engine.reader import open_image
+    from napari_segthenseg.plugin.volume_session import BOX_ID
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core is left to the UI thread
+    opened = open_image(args.volume, volume=True)
+    data = opened.levels[0]
+    viewer = napari.Viewer(show=True)
+    layer = viewer.add_image(data, name="volume")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-segthenseg", "Segment-then-Segment")
+    if args.model != "default" and not widget.load_model_file(args.model):
+        raise SystemExit(f"cannot load {args.model}")
+    meter = Meter()
+    loop_until(lambda: False, 1.0)
+    out: dict = {"volume": args.volume, "shape": list(layer.data.shape), "lazy": opened.lazy}
+
+    meter.phase = "run"
+    t0 = time.perf_counter()
+    widget.run()
+    done = loop_until(lambda: not widget.busy, args.timeout)
+    out["run"] = {**meter.summary("run"), "wall_s": round(time.perf_counter() - t0, 2), "finished": done,
+                  "status": widget.status.value,
+                  "engine_s": {k: round(v, 2) for k, v in widget.last_timings.items()}}
+
+    boxes = viewer.layers["volume boxes"]
+    ids = boxes.features[BOX_ID].to_numpy()
+    spans = np.bincount(ids) if len(ids) else np.zeros(0)
+    if len(spans):
+        k = int(np.argmax(spans))  # the box across most slices
+        i = int(np.flatnonzero(ids == k)[len(np.flatnonzero(ids == k)) // 2])
+        meter.phase = "edit"
+        t0 = time.perf_counter()
+        data = list(boxes.data)
+        data[i] = data[i] + np.array([0.0, 4.0, 4.0])
+        boxes.data = data
+        loop_until(lambda: widget.busy, 2.0)
+        done = loop_until(lambda: not widget.busy, args.timeout)
+        out["edit"] = {**meter.summary("edit"), "wall_s": round(time.perf_counter() - t0, 2),
+                       "finished": done, "status": widget.status.value, "box_slices": int(spans[k])}
+
+    meter.phase = "scroll"
+    t0 = time.perf_counter()
+    depth = layer.data.shape[0]
+    for z in range(0, depth, max(1, depth // 50)):
+        viewer.dims.set_current_step(0, z)
+        loop_until(lambda: False, 0.05)
+    out["scroll"] = {**meter.summary("scroll"), "wall_s": round(time.perf_counter() - t0, 2)}
+    out["meta"] = {"command": " ".join(["bench_volume_plugin.py", *(argv or sys.argv[1:])]),
+                   "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "host": platform.node(), "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
+    text = json.dumps(out, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    print(text)
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
