@@ -181,3 +181,13 @@ def test_save_and_reopen_3d_boxes_and_segmentation(ran, tmp_path):
     assert layer.ndim == 3 and len(layer.data) == len(viewer.layers["ct boxes"].data)
     again = write_boxes(str(tmp_path / "again.boxes.csv"), layer.data, {"features": layer.features})
     np.testing.assert_array_equal(read_boxes_csv(again[0]), widget.current_boxes())
+
+
+def test_a_layer_labelled_as_a_time_series_is_segmented_a_frame_at_a_time(make_napari_viewer):
+    from napari_segthenseg.plugin.widget import is_volume
+
+    viewer = make_napari_viewer()
+    assert is_volume(viewer.add_image(volume()))
+    assert not is_volume(viewer.add_image(volume(), axis_labels=("t", "y", "x")))
+    assert is_volume(viewer.add_image(np.zeros((2, 3, 8, 8, 3), np.uint8), rgb=True))
+    assert not is_volume(viewer.add_image(np.zeros((8, 8, 3), np.uint8), rgb=True))

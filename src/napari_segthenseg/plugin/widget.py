@@ -47,6 +47,7 @@ from .volume_session import NEW_BOX_SPAN, VolumeSession
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
 WHOLE_VOLUME, THIS_SLICE = "whole volume", "this slice only"
+TIME_LABELS = ("t", "time", "frame", "frames")  # axis labels of a time series
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
 PROGRESS_INTERVAL_S = 0.1
@@ -623,6 +624,10 @@ class SegThenSegWidget(Container):
 
 
 def is_volume(layer: object) -> bool:
-    """Whether an image layer has three or more spatial axes (a volume, or a stack of them)."""
+    """Whether an image layer has three or more spatial axes (a volume, or a stack of them) whose
+    third-last is not labelled as time (napari's ``axis_labels``: a time series is segmented a
+    frame at a time)."""
     shape = (layer.data[0] if layer.multiscale else layer.data).shape
-    return len(shape) - (1 if getattr(layer, "rgb", False) else 0) >= 3
+    n = len(shape) - (1 if getattr(layer, "rgb", False) else 0)
+    labels = [str(a).lower() for a in getattr(layer, "axis_labels", ())]  # one per spatial axis
+    return n >= 3 and not (len(labels) >= 3 and labels[-3] in TIME_LABELS)
