@@ -188,15 +188,46 @@ class VolumeSession(Session):
         return layer
 
     def redraw(self, boxes: np.ndarray) -> None:
-        """Draw ``boxes`` as the boxes layer's rectangles (every slice of each), ids in order."""
+        """Draw ``boxes`` as the boxes layer's rectangles (every slice of each; ids in order).
+
+        Only what changed is touched: rectangles that already draw an unchanged box on one of its
+        slices stay (renumbered), the others are removed, the missing ones added. Replacing all of
+        them would cost the UI thread about 0.2 s per 1,000 rectangles (napari builds each).
+        """
         layer = self.ensure_boxes_layer()
-        rects, ids = boxes3d_to_rectangles(boxes, self.plane)
-        layer.data = rects
-        if len(rects):
-            layer.shape_type = [RECTANGLE] * len(rects)
-        layer.features = {BOX_ID: ids}
-        layer.feature_defaults = {BOX_ID: -1}  # setting the features set the defaults to a row's
-        self.boxes3d = np.asarray(boxes, dtype=np.int64).reshape(-1, 6)
+        boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 6)
+        index = {box_key(b): j for j, b in enumerate(boxes)}
+        old = self.boxes3d
+        ids = layer.features[BOX_ID].to_numpy() if BOX_ID in layer.features else np.full(len(layer.data), -1)
+        verts = shapes_in_image_pixels(layer, self.image_layer, self.plane, axes=3)
+        lo, hi, _ = shape_bounds(verts) if len(verts) else (np.zeros((0, 2)), np.zeros((0, 2)), None)
+        windows = np.round(np.concatenate([lo, hi], axis=1) + 0.5).astype(np.int64)
+        kept, new_ids, drawn = [], [], set()
+        for r, k in enumerate(ids.tolist()):
+            if not 0 <= k < len(old) or box_key(old[k]) not in index:
+                continue
+            z = int(np.round(np.mean(np.asarray(verts[r])[:, 0])))
+            j = index[box_key(old[k])]
+            b = boxes[j]
+            if b[0] <= z < b[3] and tuple(windows[r]) == tuple(b[[1, 2, 4, 5]]) and (j, z) not in drawn:
+                kept.append(r)
+                new_ids.append(j)
+                drawn.add((j, z))
+        gone = sorted(set(range(len(ids))) - set(kept))
+        missing = [(j, z) for j, b in enumerate(boxes) for z in range(b[0], b[3]) if (j, z) not in drawn]
+        if gone:
+            layer.selected_data = set(gone)
+            layer.remove_selected()
+        if missing:
+            one = np.stack([boxes[j] for j, _ in missing])
+            one[:, 0] = [z for _, z in missing]
+            one[:, 3] = one[:, 0] + 1
+            layer.add_rectangles(boxes3d_to_rectangles(one, self.plane)[0], edge_color=BOX_COLOUR,
+                                 face_color="transparent", edge_width=layer.current_edge_width)
+        if gone or missing or list(ids) != new_ids:
+            layer.features = {BOX_ID: np.asarray(new_ids + [j for j, _ in missing], dtype=np.int64)}
+            layer.feature_defaults = {BOX_ID: -1}  # setting the features set the defaults to a row's
+        self.boxes3d = boxes
 
     def read_boxes(self) -> ShapeBoxes:
         layer = self.boxes_layer
