@@ -18,7 +18,8 @@ from napari_segthenseg.engine.image import VolumeSource
 from napari_segthenseg.engine.progress import drive
 from napari_segthenseg.engine.rough import lazy_component_boxes
 from napari_segthenseg.engine.volume import VolumeOptions, segment_volume, walk_volume
-from napari_segthenseg.engine.volume_out import VolumeChunked, VolumeInMemory, box_key
+from napari_segthenseg.engine.volume_chunks import VolumeChunked
+from napari_segthenseg.engine.volume_out import VolumeInMemory, box_key
 
 S = 32
 SHAPE = (12, 96, 128)

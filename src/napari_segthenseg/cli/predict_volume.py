@@ -34,7 +34,7 @@ from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import drive
 from ..engine.reader import OpenedImage, stem_of
 from ..engine.volume import GROWTH, NORMS, Z_PAD, Z_SMOOTH, VolumeOptions, describe_plan, walk_volume
-from ..engine.volume_out import VolumeChunked
+from ..engine.volume_chunks import VolumeChunked
 from .common import CliError, StageBars
 
 

@@ -12,7 +12,7 @@ cut into several tracks, since one window over its whole path is far larger than
 net was trained on (measured: docs/VOLUMES.md). The fine net segments each slice's crop of
 each box (the crops of many slices as one batch); within a box the slices' results are aligned
 pixel to pixel, and are averaged along z (``z_smooth``) before they fuse per slice (OR) into a
-3D mask, in memory or chunk by chunk to disk (:mod:`.volume_out`).
+3D mask, in memory or chunk by chunk to disk (:mod:`.volume_out`, :mod:`.volume_chunks`).
 
 Where the 3D rules differ from slice-by-slice StS (docs/VOLUMES.md measures each):
 
@@ -44,7 +44,8 @@ from .progress import Progress, Steps, drive
 from .rough import rough_pass, windows_for
 from .scale import RoughPlan
 from .tracks import track_boxes
-from .volume_out import VolumeChunked, VolumeFine, VolumeInMemory
+from .volume_chunks import VolumeChunked
+from .volume_out import VolumeFine, VolumeInMemory
 
 Z_PAD = 1  # slices added above and below each object's z-range (docs/VOLUMES.md: measured)
 SLAB = 32  # slices read, or sent through the rough net, between progress reports
@@ -228,7 +229,7 @@ def walk_volume(engine: Engine, volume: object, boxes: np.ndarray | None = None,
 
     As :meth:`.Engine.walk`: ``boxes`` (3D, by hand or after an edit) skip the rough pass and use
     ``stats`` (the windows of an earlier pass) if given; ``output`` takes the fine pass
-    (:class:`~.volume_out.VolumeInMemory` by default, or :class:`~.volume_out.VolumeChunked`).
+    (:class:`~.volume_out.VolumeInMemory` by default, or :class:`~.volume_chunks.VolumeChunked`).
     A rough-only model returns its rough masks upsampled (the paper's baseline) per slice.
     """
     options = options or VolumeOptions()
