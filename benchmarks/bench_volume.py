@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     ct.add_argument("--device", default="cpu")
     ct.add_argument("--threads", type=int, default=1)
     ct.add_argument("--variants", nargs="+", metavar="Z_PAD:MIN_SLICES:NORM:GROWTH:Z_SMOOTH",
-                    default=["1:1:slice:none", "0:1:slice:1.25", "1:1:slice:1.25", "2:1:slice:1.25",
-                             "1:2:slice:1.25", "1:1:volume:1.25", "1:1:slice:1.0", "1:1:slice:1.5",
-                             "1:1:slice:2.0"])
+                    default=["1:1:slice:1.0:2",  # the defaults, then one change at a time
+                             "1:1:slice:none:2", "1:1:slice:1.25:2", "1:1:slice:1.5:2",
+                             "1:1:slice:1.0:0", "1:1:slice:1.0:1", "1:1:slice:1.0:3",
+                             "0:1:slice:1.0:2", "2:1:slice:1.0:2", "1:2:slice:1.0:2", "1:1:volume:1.0:2"])
     build = sub.add_parser("build", help="large volumes under runs/")
     build.add_argument("--out", required=True)
     build.add_argument("--ct", help="the CT stand-in's folder: resample its largest val patient")

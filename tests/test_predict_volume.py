@@ -138,3 +138,23 @@ def test_a_time_series_is_refused_and_nothing_is_written(model_file, tmp_path, c
     assert list((tmp_path / "o").iterdir()) == []
     assert main(["--model", str(model_file), str(path), "--out", str(tmp_path / "o"), "--z-pad", "-1"]) == 2
     assert "z_pad" in capsys.readouterr().err
+
+
+def test_a_ct_patient_stacked_into_a_volume(data_root, model_file, tmp_path):
+    """Real data when it is there: 24 consecutive slices of a CT stand-in val patient as one ZYX file."""
+    ct = data_root / "ct_segthor_aorta"
+    if not (ct / "manifest.csv").is_file():
+        pytest.skip("ct_segthor_aorta is not in the data folder")
+    rows = [r for r in csv.DictReader(open(ct / "manifest.csv")) if r["split"] == "val"]
+    pid = sorted({r["patient_id"] for r in rows})[0]
+    mine = sorted((int(r["slice_index"]), r["id"]) for r in rows if r["patient_id"] == pid)
+    ids = [i for _, i in mine][:24]
+    vol = np.stack([tifffile.imread(ct / "images" / f"{i}.tif") for i in ids])
+    path = tmp_path / f"{pid}.ome.tif"
+    tifffile.imwrite(path, vol, metadata={"axes": "ZYX"})
+    assert main(["--model", str(model_file), str(path), "--out", str(tmp_path / "o")]) == 0
+    mask = tifffile.imread(tmp_path / "o" / f"{pid}_mask.tif")
+    expected = segment_volume(Engine(make_tiny_model(32, channels=1), "cpu"), vol)
+    assert mask.shape == vol.shape and np.array_equal(mask > 0, expected.mask)
+    header, boxes = read_csv(tmp_path / "o" / f"{pid}.boxes.csv")
+    assert header[0] == "z0" and ((boxes[:, 3] <= len(ids)) & (boxes[:, 0] >= 0)).all()
