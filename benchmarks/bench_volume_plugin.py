@@ -5,8 +5,9 @@ presses Run (the whole volume), then moves one box on one slice (an edit of that
 scrolls through the slices. A 20 ms QTimer runs all the while; every gap between its ticks beyond
 20 ms is a stall of the event loop (what a user feels as a frozen window). Reports per phase the
 longest stall, the number over 0.2 s (with where the UI thread was), and the phase's wall time.
-Phases: ``run`` (the job computes in its worker thread), ``show`` (its layers are put in place),
-``edit`` (the moved box is segmented again and shown), ``scroll`` (50 slices shown in turn).
+Phases: ``idle`` (napari with nothing to do: the machine's own stalls), ``run`` (the job computes
+in its worker thread), ``show`` (its layers are put in place), ``edit`` (the moved box is
+segmented again and shown), ``scroll`` (50 slices shown in turn).
 
     xvfb-run -a .venv/bin/python benchmarks/bench_volume_plugin.py --volume runs/volumes/ct512x150.ome.tif \\
         --model default --json runs/bench/volume_plugin.json
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--rough-scale", type=float, default=0.0, help="the panel's rough scale (0: auto)")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--idle", type=float, default=20.0, help="seconds of napari doing nothing, measured first")
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     meter = Meter()
     loop_until(lambda: False, 1.0)
     out: dict = {"volume": args.volume, "shape": list(layer.data.shape), "lazy": opened.lazy}
+    meter.phase = "idle"  # the control: napari with nothing to do, on this machine as loaded as it is
+    loop_until(lambda: False, args.idle)
+    out["idle"] = {**meter.summary("idle"), "wall_s": args.idle}
 
     # Run: while the job computes (worker thread), then while its three layers are put in place
     # (one per event-loop turn: napari builds the layer controls and draws the first slice).

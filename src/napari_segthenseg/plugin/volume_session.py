@@ -261,7 +261,7 @@ class VolumeSession(Session):
         layer = self.boxes_layer
         if not self.alive(layer) or BOX_ID not in layer.features or not layer.selected_data:
             return None
-        ids = {int(layer.features[BOX_ID].iloc[i]) for i in layer.selected_data}
+        ids = set(layer.features[BOX_ID].to_numpy()[sorted(layer.selected_data)].tolist())
         return ids.pop() if len(ids) == 1 and 0 <= next(iter(ids)) < len(self.boxes3d) else None
 
     # -- showing results ---------------------------------------------------------------------------

@@ -599,6 +599,8 @@ class SegThenSegWidget(Container):
     def _on_box_selection(self, _event=None) -> None:
         """Show the z-range of the selected 3D box (a volume's boxes layer), or disable the fields."""
         session = self._session
+        if self._quiet:  # our own redraw selects rectangles to remove them
+            return
         span = session.selected_z_range() if session is not None else None
         with self.z_from.changed.blocked(), self.z_to.changed.blocked():
             self.z_from.enabled = self.z_to.enabled = span is not None
