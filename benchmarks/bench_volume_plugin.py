@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rough-scale", type=float, default=0.0, help="the panel's rough scale (0: auto)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--idle", type=float, default=20.0, help="seconds of napari doing nothing, measured first")
-    p.add_argument("--worker-niceness", type=int,
-                   help="a job's thread runs this much below the UI's CPU priority (default: the plugin's)")
+
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_segthenseg.engine.reader import open_image
-    from napari_segthenseg.plugin import session
     from napari_segthenseg.plugin.volume_session import BOX_ID
-
-    if args.worker_niceness is not None:
-        session.WORKER_NICENESS = args.worker_niceness
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # one core is left to the UI thread
     opened = open_image(args.volume, volume=True)
     data = opened.levels[0]
@@ -130,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     widget.rough_scale.value = args.rough_scale
     meter = Meter()
     loop_until(lambda: False, 1.0)
-    out: dict = {"volume": args.volume, "shape": list(layer.data.shape), "lazy": opened.lazy,
-                 "worker_niceness": session.WORKER_NICENESS}
+    out: dict = {"volume": args.volume, "shape": list(layer.data.shape), "lazy": opened.lazy}
     meter.phase = "idle"  # the control: napari with nothing to do, on this machine as loaded as it is
     loop_until(lambda: False, args.idle)
     out["idle"] = {**meter.summary("idle"), "wall_s": args.idle}

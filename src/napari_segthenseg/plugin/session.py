@@ -16,8 +16,6 @@ them there.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +41,6 @@ from .layers import (
 
 EngineFactory = Callable[[], Engine]  # builds the engine in the worker thread (model, device, scale chosen)
 UiStep = Callable[[], None]
-WORKER_NICENESS = 5  # a worker thread's niceness above the UI thread's (Linux)
 
 
 @dataclass
@@ -90,24 +87,10 @@ class Job:
     status: Callable[[JobResult, float], str]
 
 
-def yield_the_cpu() -> None:
-    """Run this (worker) thread below the UI thread's CPU priority, where the system allows it
-    (Linux: per thread; threads it starts inherit it): on a busy CPU the event loop gets a core
-    first, the job gets the rest (docs/VOLUMES.md measures the stalls)."""
-    native = getattr(threading, "get_native_id", None)
-    if native is None or not hasattr(os, "setpriority"):
-        return
-    with contextlib.suppress(OSError):
-        tid = native()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
-
-
 def run_in_worker(job: Job, cancel: threading.Event) -> Steps[JobResult | JobFailed]:
     """A job's steps as a worker runs them: expected errors become :class:`JobFailed` (bugs still
     raise); a cancel closes the steps at the next step *in the worker's thread* (a slide job stops
-    its chunk threads and removes its unfinished store there) and gives :data:`CANCELLED`. The
-    worker thread runs at a lower CPU priority than the UI (:func:`yield_the_cpu`)."""
-    yield_the_cpu()
+    its chunk threads and removes its unfinished store there) and gives :data:`CANCELLED`."""
     try:
         return (yield from guard(job.steps(), cancel.is_set))
     except Cancelled:
