@@ -45,7 +45,7 @@ from .slide_store import (
 )
 from .viewport import ID, NEW, BoxesView, view_region
 
-REFRESH_S = 1.0  # during a run the segmentation is redrawn at most this often
+REFRESH_S = 2.5  # during a run the segmentation is redrawn at most this often (each redraw: ~0.3 s of napari)
 
 
 def is_slide(layer: object, plane: Plane) -> bool:
