@@ -52,7 +52,7 @@ _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
 VIEW_MS = 150  # the camera rests this long before the boxes layer follows it
 PROGRESS_INTERVAL_S = 0.1
-PROGRESS_AFTER_S = 0.5  # napari's progress bar costs the UI thread ~0.1 s to make: only for long jobs
+PROGRESS_AFTER_S = 3.0  # napari's progress bar costs the UI thread 0.3-1 s to make here: only for long jobs
 
 
 class SegThenSegWidget(Container):
