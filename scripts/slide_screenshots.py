@@ -116,6 +116,14 @@ class Meter:
         return sum(dt for p, n, _, dt in self.calls if p == phase and n == name)
 
 
+def screenshot(viewer, meter: Meter, path: Path) -> None:
+    """A screenshot, in a phase of its own (encoding the PNG is not a stall of the plugin's)."""
+    phase, meter.phase = meter.phase, "screenshot"
+    viewer.screenshot(str(path), canvas_only=False)
+    settle(0.1)
+    meter.phase = phase
+
+
 def loop_until(cond, timeout: float) -> bool:
     """Run the Qt event loop (as napari does) until ``cond()`` or ``timeout`` seconds."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -244,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", metavar="N", type=int,
                    help="instead of a slide and Run: a lazy 100,000 x 80,000 px image (zeros) and a boxes "
                         "file of N random boxes, opened and picked as the boxes layer (a real slide's scale)")
+    p.add_argument("--async-slicing", action="store_true",
+                   help="turn on napari's experimental asynchronous slicing (Preferences > Experimental): "
+                        "layers' tiles are read off the UI thread")
     args = p.parse_args(argv)
     if not args.slide and not args.table:
         p.error("give a slide, or --table N")
@@ -256,6 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     from napari_segthenseg.engine.boxio import write_boxes_csv
     from napari_segthenseg.plugin.slide_session import SlideSession
 
+    if args.async_slicing:  # napari saves its settings: put the user's own value back at exit
+        import atexit
+
+        from napari.settings import get_settings
+
+        experimental = get_settings().experimental
+        atexit.register(setattr, experimental, "async_", experimental.async_)
+        experimental.async_ = True
     viewer = napari.Viewer(title="Segment-then-Segment: whole slide")
     viewer.window.resize(1800, 1100)
     QApplication.processEvents()
@@ -289,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     t_read = 0.0
     if args.table:  # what a user does with a saved boxes file: open it, pick it as the boxes layer
         csv_path = out / "table.boxes.csv"
+        meter.phase = "prepare"  # making the file is not the user's wait
         write_boxes_csv(csv_path, random_boxes(args.table, image.data[0].shape))
+        settle(0.2)
+        meter.phase = "run"
         t0 = time.perf_counter()
         [boxes_read] = viewer.open(str(csv_path), plugin=PLUGIN)
         t_read = time.perf_counter() - t0
@@ -323,30 +345,42 @@ def main(argv: list[str] | None = None) -> int:
     meter.phase = "view"
     viewer.reset_view()
     settle(1.0)
-    viewer.screenshot(str(out / "slide_run.png"), canvas_only=False)
+    screenshot(viewer, meter, out / "slide_run.png")
 
     # zoom in and pan around the boxes' median centre, as a user looks around; the boxes layer follows
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     k = int(np.argmin(((centres - np.median(centres, 0)) ** 2).sum(1)))
     cy, cx = centres[k]
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 / older
-    meter.phase = "navigate"
-    navigation = []
-    step = 600.0  # image px between looks
-    for zoom, (dy, dx) in [(0.2, (0, 0)), (1.0, (0, 0)), (1.0, (0, step)), (1.0, (step, step)),
-                           (1.0, (step, 0)), (1.0, (step, -step)), (0.5, (0, 0)), (3.0, (0, 0))]:
-        t_move = time.perf_counter()
-        camera.center = tuple(image.data_to_world((cy + dy, cx + dx)))
-        camera.zoom = zoom
-        settle(0.3)  # the camera rests: the boxes layer follows (debounced)
-        caught_up = loop_until(lambda: not widget.busy, 60)
-        navigation.append({"zoom": zoom, "offset_px": [dy, dx], "caught_up": caught_up,
-                           "s_to_boxes_shown": round(time.perf_counter() - t_move, 2),
-                           "rectangles": len(boxes_layer.data), "in_view": session.view.in_view,
-                           "note": session.view_note()})
+    tour = [(0.2, (0, 0)), (1.0, (0, 0)), (1.0, (0, 600)), (1.0, (600, 600)), (1.0, (600, 0)),
+            (1.0, (600, -600)), (0.5, (0, 0)), (3.0, (0, 0))]
+
+    def look_around(phase: str) -> list[dict]:
+        meter.phase = phase
+        seen = []
+        for zoom, (dy, dx) in tour:
+            t_move = time.perf_counter()
+            camera.center = tuple(image.data_to_world((cy + dy, cx + dx)))
+            camera.zoom = zoom
+            settle(0.3)  # the camera rests: the boxes layer follows (debounced)
+            caught_up = loop_until(lambda: not widget.busy, 60)
+            seen.append({"zoom": zoom, "offset_px": [dy, dx], "caught_up": caught_up,
+                         "s_to_boxes_shown": round(time.perf_counter() - t_move, 2),
+                         "rectangles": len(boxes_layer.data),
+                         "in_view": session.view.in_view if session.view else None,
+                         "note": session.view_note()})
+        return seen
+
+    # napari alone first (the boxes layer hidden, not following): what drawing the slide costs
+    view, session.view = session.view, None
+    boxes_layer.visible = False
+    look_around("navigate_napari_only")
+    session.view = view
+    boxes_layer.visible = True
+    navigation = look_around("navigate")
     print("navigate", json.dumps(navigation))
     settle(1.0)
-    viewer.screenshot(str(out / "slide_zoom.png"), canvas_only=False)
+    screenshot(viewer, meter, out / "slide_zoom.png")
 
     # edits with napari's own mouse handlers, on the boxes layer in select mode
     edits = {}
@@ -408,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(boxes_layer.data):
         boxes_layer.selected_data = {len(boxes_layer.data) - 1}
     settle(1.0)
-    viewer.screenshot(str(out / "slide_edit.png"), canvas_only=False)
+    screenshot(viewer, meter, out / "slide_edit.png")
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     label = session.slide.label
@@ -428,11 +462,12 @@ def main(argv: list[str] | None = None) -> int:
                                    else session.rough_layer.data)),
             "scale": list(map(float, session.rough_layer.scale))},
         "peak_rss_mb": round(rss, 1), "rss_before_open_mb": round(rss0, 1),
-        "stalls": {ph: meter.longest(ph) for ph in ("open", "run", "view", "navigate")},
+        "stalls": {ph: meter.longest(ph)
+                   for ph in ("open", "run", "view", "navigate_napari_only", "navigate")},
         "run_ui_thread_s": {n: round(meter.total("run", n), 3)
                             for n in ("_on_done", "install", "_on_progress")},
         "edits": edits, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "stalls_over_0.25_s": meter.log,
+        "stalls_over_0.25_s": meter.log, "async_slicing": args.async_slicing,
     }
     if args.gt and not args.table:
         result["dsc"] = round(dice(label.levels[0], Path(args.gt)), 4)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from conftest import make_tiny_model
 from napari_segthenseg.engine import Engine, ImageSource, omezarr
@@ -192,13 +193,36 @@ def test_a_two_worker_dask_cluster_gives_the_same_result(tmp_path, canvas):
 def test_chunk_tasks_never_reuse_a_core_built_for_another_job():
     """Cores are cached per thread and job; CPython reuses ``id()`` of freed objects, so a job made
     after another is gone (another model) must still get its own core."""
-    from napari_segthenseg.engine.slide import ChunkJob, _core_for
+    from napari_segthenseg.engine.slide import ChunkJob, core_for
 
     first, second = make_tiny_model(size=32), make_tiny_model(size=32, seed=1)
     src = ImageSource(np.zeros((64, 64), np.uint8))
     job = ChunkJob(first, "cpu", src, None, None)
-    assert _core_for(job).model is first
+    assert core_for(job).model is first
     old_id = id(job)
     del job
     other = ChunkJob(second, "cpu", src, None, None)  # usually takes the freed job's memory, and id
-    assert _core_for(other).model is second, f"reused id: {id(other) == old_id}"
+    assert core_for(other).model is second, f"reused id: {id(other) == old_id}"
+
+
+def test_intensity_windows_are_kept_as_plain_arrays(slide_engine):
+    from napari_segthenseg.engine.image import NormStats
+    from napari_segthenseg.engine.localnorm import windows_fit, windows_from_arrays, windows_to_arrays
+
+    img = np.zeros((2048, 2048), np.uint8)
+    img[256:768, 256:768] = np.random.default_rng(0).integers(0, 40, (512, 512))
+    src = ImageSource(img)
+    plan = slide_engine.plan(src.hw)
+    local = run(rough_pass(slide_engine, src, plan)).stats
+    back = windows_from_arrays(windows_to_arrays(local))
+    assert isinstance(back, LocalWindows) and back.cell == local.cell
+    assert np.array_equal(back.cmax, local.cmax)
+    crops = np.array([[300, 300, 364, 364]])
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(back.apply_to_crops(x, crops), local.apply_to_crops(x, crops))
+    assert windows_fit(back, True, plan.scale, plan.window, "minmax")
+    assert not windows_fit(back, True, plan.scale * 2, plan.window, "minmax")  # another rough scale
+    assert not windows_fit(back, False, None, None, "minmax")  # the whole-image pass needs one window
+    assert windows_from_arrays(windows_to_arrays(NormStats(3.0, 9.0))) == NormStats(3.0, 9.0)
+    with pytest.raises(ValueError, match="not intensity windows"):
+        windows_from_arrays({"kind": np.array("local")})

@@ -467,6 +467,11 @@ def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napar
     _, _, widget = ran
     seg_path, boxes_path = widget.save(tmp_path / "canvas.ome.zarr")
     monkeypatch.setattr(fileio, "LAYER_BOXES_MAX", 10)  # this file counts as too large to draw whole
+
+    def no_survey(*args, **kwargs):
+        raise AssertionError("the intensity windows saved with the segmentation are used")
+
+    monkeypatch.setattr(Engine, "image_stats", no_survey)
     viewer2 = make_napari_viewer()
     [image2] = viewer2.open(str(slide_path), plugin=PLUGIN)
     [boxes2] = viewer2.open(str(boxes_path), plugin=PLUGIN)
@@ -484,3 +489,25 @@ def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napar
     np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
     assert len(boxes2.data) == len(widget.current_boxes())  # the whole slide is in view here
     np.testing.assert_array_equal(_level0(widget2), _level0(widget))
+
+
+def test_the_segmentation_shows_while_the_run_writes_it(make_napari_viewer, qtbot, slide_path, monkeypatch):
+    from napari_segthenseg.plugin import slide_session
+
+    drawn: list[tuple[bool, int]] = []
+    real = slide_session.redraw
+
+    def spy(layer):
+        drawn.append((widget.busy and widget._worker is not None, int(np.asarray(layer.data[0][:]).max())))
+        real(layer)
+
+    monkeypatch.setattr(slide_session, "redraw", spy)
+    monkeypatch.setattr(slide_session, "REFRESH_S", 0.0)
+    viewer, _, widget = _open(make_napari_viewer, slide_path)
+    widget.run()
+    qtbot.waitUntil(lambda: "canvas segmentation" in viewer.layers, timeout=60000)
+    assert widget._worker is not None  # the store's layer is there before the run is done
+    _wait(qtbot, widget)
+    during = [top for running, top in drawn if running]
+    assert len(during) >= 3 and 1 in during  # redrawn as chunks came (0/1 until the objects are numbered)
+    assert drawn[-1][1] > 40  # the last redraw shows the numbered objects

@@ -7,6 +7,9 @@ Per image, in ``--out``:
 * ``<stem>_labels.tif`` / ``.ome.zarr`` instead with ``--labels`` (one id per object);
 * ``<stem>.boxes.csv``: the StS boxes, full-resolution pixels, half-open ``y0,x0,y1,x1``.
 
+Volumes (a ZYX TIFF/OME-TIFF, an OME-Zarr with a z axis) get the same files in 3D, with 3D boxes
+(:mod:`.predict_volume`, docs/VOLUMES.md).
+
 The boxes file is written last, so an image is done when both of its files exist, and
 ``segthenseg-predict.json`` then records the model (SHA-256) and options it was made with
 (:mod:`.manifest`). A rerun skips finished images made with the same model and options, redoes
@@ -45,8 +48,10 @@ from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import Progress, drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from ..engine.slide import CHUNK, ChunkedOutput
+from ..engine.volume import VolumeOptions
 from .common import CliError, CommandProgress, check_output, model_path, open_engine
 from .manifest import Manifest, Recipe
+from .predict_volume import add_volume_arguments, predict_volume_file, volume_options
 
 FORMATS = ("auto", "tif", "ome-zarr")
 
@@ -89,15 +94,19 @@ def clean_leftovers(out: Path) -> int:
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
                  on_step: Callable[[Progress], None] | None = None,
-                 report: Path | None = None) -> tuple[Path, Path]:
+                 report: Path | None = None, volume: VolumeOptions | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
     JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
-    pixels).
+    pixels). A volume goes to :func:`.predict_volume.predict_volume_file` with the 3D rules of
+    ``volume``.
     """
     t0 = time.perf_counter()
-    with open_image(path) as opened:
+    with open_image(path, volume=True) as opened:
+        if opened.volume:
+            return predict_volume_file(engine, opened, path, out, fmt, labels, chunk, client, threads,
+                                       on_step, report, volume)
         src = ImageSource(opened.levels, name=str(path))
         zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_IMAGE_PX)
         seg_path, boxes_path = output_paths(out, stem_of(path), zarr_out, labels)
@@ -234,14 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     default = default_model_arg()
     p = argparse.ArgumentParser(
         prog="segthenseg-predict",
-        description="Segment images and whole slides with Segment-then-Segment. Writes DIR/<stem>_mask.tif "
-                    "(uint8 0/1), or DIR/<stem>_mask.ome.zarr for slides, and DIR/<stem>.boxes.csv per "
-                    "image; napari opens both. A rerun skips the images already made with the same model "
-                    "and options. Exit status 1 if any input was skipped, 2 for a usage error, 3 if the "
-                    "disk filled up.")
+        description="Segment images, whole slides and volumes with Segment-then-Segment. Writes "
+                    "DIR/<stem>_mask.tif (uint8 0/1; a volume: Z x Y x X), or DIR/<stem>_mask.ome.zarr for "
+                    "slides and large volumes, and DIR/<stem>.boxes.csv per image; napari opens both. A "
+                    "rerun skips the images already made with the same model and options. Exit status 1 "
+                    "if any input was skipped, 2 for a usage error, 3 if the disk filled up.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI), OME-Zarr folders, or folders "
-                        "of these")
+                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI; ZYX stacks are volumes), "
+                        "OME-Zarr folders, or folders of these")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
     p.add_argument("--model", default=default, metavar="MODEL",
                    help="a model file, a training run's folder (its model.pt), or 'default': the bundled "
@@ -270,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--scheduler", metavar="ADDRESS",
                          help="run the chunks on an existing dask.distributed cluster (e.g. "
                               "tcp://host:8786); its workers must see the input and --out paths")
+    add_volume_arguments(p)
     return p
 
 
@@ -296,6 +306,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         raise CliError("--chunk must be at least 64")
     check_output(args.out, "--out", folder=True)
     check_output(args.report, "--report")
+    volume = volume_options(args)
     files, skipped = list_inputs(args.inputs)
     for _, reason in skipped:
         print(f"skipped {reason}", file=sys.stderr)
@@ -334,7 +345,8 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
             try:
                 unfinish(args.out, f)
                 seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
-                                          args.threads, on_step=progress.on_step, report=args.report)
+                                          args.threads, on_step=progress.on_step, report=args.report,
+                                          volume=volume)
                 manifest.record(stem_of(f), recipe.entry(f, [seg, boxes], seg.name.endswith(".ome.zarr")))
                 written += 1
             except OSError as exc:

@@ -113,6 +113,41 @@ class LocalWindows:
 Windows = NormStats | LocalWindows
 
 
+def windows_to_arrays(windows: Windows) -> dict[str, np.ndarray]:
+    """The windows as plain arrays (``np.savez``), to keep them with a saved segmentation: continuing
+    a slide then needs no new survey of the image."""
+    if isinstance(windows, NormStats):
+        return {"kind": np.array("image"), "lo_hi": np.array([windows.lo, windows.hi])}
+    return {"kind": np.array("local"), "scale_cell": np.array([windows.scale, windows.cell]),
+            "cmin": windows.cmin, "cmax": windows.cmax, "flat": windows.flat,
+            "neighbourhoods": np.array(windows.neighbourhoods), "floors": np.array(windows.floors)}
+
+
+def windows_fit(windows: Windows, tiled: bool, scale: float | None, window: int | None,
+                normalisation: str) -> bool:
+    """Whether saved ``windows`` are the ones a pass planned so (tiled at ``scale`` with ``window``,
+    or whole) with this normalisation would take: otherwise they are surveyed anew."""
+    if isinstance(windows, LocalWindows):
+        return (tiled and normalisation == "minmax" and scale is not None and window is not None
+                and abs(windows.scale - scale) < 1e-9 and windows.cell == cell_side(window, scale))
+    return not (tiled and normalisation == "minmax")
+
+
+def windows_from_arrays(data: dict[str, np.ndarray]) -> Windows:
+    """The windows :func:`windows_to_arrays` wrote; ``ValueError`` for anything else."""
+    try:
+        if str(data["kind"]) == "image":
+            lo, hi = (float(v) for v in data["lo_hi"])
+            return NormStats(lo, hi)
+        scale, cell = (float(v) for v in data["scale_cell"])
+        return LocalWindows(scale, int(cell), np.asarray(data["cmin"], np.float32),
+                            np.asarray(data["cmax"], np.float32), np.asarray(data["flat"], bool),
+                            tuple(int(v) for v in data["neighbourhoods"]),
+                            tuple(float(v) for v in data["floors"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not intensity windows: {exc}") from exc
+
+
 def cell_side(window: int, scale: float) -> int:
     """Cells are a fraction of a training window wide, in rough px (at least 4)."""
     return max(4, int(round(window / scale / CELLS_PER_WINDOW)))

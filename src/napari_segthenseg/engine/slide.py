@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from .reader import open_image
 
 CHUNK_MEMORY_MB = 256.0  # activation budget of one chunk's fine batch
 
-__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "run_chunk", "segment_chunk"]
+__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "core_for", "run_chunk", "run_tasks",
+           "segment_chunk"]
 
 
 @dataclass
@@ -76,37 +78,47 @@ class ChunkedOutput:
         if regions is None:
             regions = [r for r in tiles(hw, chunk) if (r[0] // chunk, r[1] // chunk) in index]
         job = ChunkJob(core.model, str(core.device), src, stats, self.array, overwrite=self.overwrite)
-        shared: object = job
-        if self.client is None:
-            executor: Executor = ThreadPoolExecutor(max(1, min(self.threads, len(regions))))
-        else:
-            if self.source_path is None:
-                raise ValueError("a cluster's workers need the image's path to read it")
-            job.source = self.source_path
-            executor = self.client.get_executor()
-            shared = self.client.scatter(job, broadcast=True)  # the model and windows, sent once
-        futures: dict[Future, Region] = {}
-        times: dict[str, float] = {}
-        counts: dict[str, int] = {"chunks": len(regions)}
-        try:
-            for r in regions:
-                idx = index.get((r[0] // chunk, r[1] // chunk), np.zeros(0, np.int64))
-                futures[executor.submit(run_chunk, shared, r, boxes[idx])] = r
-            yield Progress(f"fine pass: 0/{len(regions)} chunks", 0, len(regions))
-            for done, fut in enumerate(as_completed(futures), start=1):
-                t, c = fut.result()
-                for k, v in t.items():
-                    times[k] = times.get(k, 0.0) + v
-                for k, v in c.items():
-                    counts[k] = counts.get(k, 0) + v
-                yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
-        finally:
-            for fut in futures:
-                fut.cancel()
-            if self.client is None:
-                executor.shutdown(wait=True, cancel_futures=True)
+        none = np.zeros(0, np.int64)
+        items = [(r, boxes[index.get((r[0] // chunk, r[1] // chunk), none)]) for r in regions]
+        times, counts = yield from run_tasks(run_chunk, job, items, self.client, self.threads,
+                                             self.source_path)
         counts["refined"] = counts.get("chunk_boxes", 0)
         return FineResult(self.array, None, times, counts)
+
+
+def run_tasks(task: Callable, job: object, items: list[tuple], client: object | None, threads: int,
+              source_path: str | None) -> Steps[tuple[dict[str, float], dict[str, int]]]:
+    """``task(job, *item)`` for every item, on ``threads`` local threads or the workers of a
+    dask.distributed ``client`` (``job`` scattered once, its ``source`` replaced by
+    ``source_path`` for workers to reopen). Returns the summed timings and counts of the tasks."""
+    shared: object = job
+    if client is None:
+        executor: Executor = ThreadPoolExecutor(max(1, min(threads, len(items))))
+    else:
+        if source_path is None:
+            raise ValueError("a cluster's workers need the image's path to read it")
+        job.source = source_path
+        executor = client.get_executor()
+        shared = client.scatter(job, broadcast=True)  # the model and windows, sent once
+    futures: list[Future] = []
+    times: dict[str, float] = {}
+    counts: dict[str, int] = {"chunks": len(items)}
+    try:
+        futures = [executor.submit(task, shared, *item) for item in items]
+        yield Progress(f"fine pass: 0/{len(items)} chunks", 0, len(items))
+        for done, fut in enumerate(as_completed(futures), start=1):
+            t, c = fut.result()
+            for k, v in t.items():
+                times[k] = times.get(k, 0.0) + v
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            yield Progress(f"fine pass: {done}/{len(items)} chunks", done, len(items))
+    finally:
+        for fut in futures:
+            fut.cancel()
+        if client is None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return times, counts
 
 
 def segment_chunk(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows,
@@ -140,8 +152,9 @@ _sources: dict[str, ImageSource] = {}
 _sources_lock = threading.Lock()
 
 
-def _core_for(job: ChunkJob) -> Core:
-    """One core per thread and job (cores keep per-call timings; the nets are shared)."""
+def core_for(job: ChunkJob) -> Core:
+    """One core per thread and job (cores keep per-call timings; the nets are shared). Any job
+    with ``token``, ``model``, ``device`` and ``memory_mb`` will do (a volume's chunks too)."""
     cache = _local.__dict__.setdefault("cores", {})
     if job.token not in cache:
         cache.clear()  # a new job: drop the cores of finished ones
@@ -161,7 +174,7 @@ def _source_for(job: ChunkJob) -> ImageSource:
 
 def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray) -> tuple[dict[str, float], dict[str, int]]:
     """Task: segment one output chunk and write it; returns its timings and counts."""
-    core = _core_for(job)
+    core = core_for(job)
     core.timings, core.counts = {}, {}
     mask = None
     try:

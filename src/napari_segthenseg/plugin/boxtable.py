@@ -81,8 +81,15 @@ class BoxTable:
         """The boxes that the edits still in ``history`` put in (drawn or moved) and that are still in
         the table: what the user corrected."""
         ids = np.unique(np.concatenate([e.added_ids for e in self.history] or [NO_IDS]))
-        ids = ids[ids < len(self._rows)]
-        return self.boxes_of(ids[self._rows[ids] >= 0])
+        return self.boxes_of(ids[self.has(ids)])
+
+    def has(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` is in the table (a lookup per id, not a pass over the table)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        known = (ids >= 0) & (ids < len(self._rows))
+        out = np.zeros(len(ids), bool)
+        out[known] = self._rows[ids[known]] >= 0
+        return out
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import Engine, ImageSource, omezarr
+from ..engine.atomic import atomic_write
 from ..engine.boxes import NO_BOXES
 from ..engine.grid import Region, regions_for
 from ..engine.labels import LABEL_DTYPE, max_label, relabel_chunked, relabel_region
 from ..engine.limits import IN_MEMORY_MASK_PX
-from ..engine.localnorm import Windows
+from ..engine.localnorm import Windows, windows_from_arrays, windows_to_arrays
 from ..engine.progress import Progress, Steps
 from ..engine.slide import ChunkedOutput
 from .layers import STORE_KEY
@@ -95,6 +96,28 @@ def rough_pyramid(mask: object, store: Path | None = None) -> list:
     return list(image.levels)
 
 
+WINDOWS_FILE = "segthenseg_windows.npz"  # beside the levels: zarr readers ignore it
+
+
+def save_windows(label: omezarr.LabelImage, windows: Windows) -> None:
+    """Keep the intensity windows with the segmentation (saved with it, so a continued slide needs no
+    survey of the image before its first edit)."""
+    with atomic_write(label.path / WINDOWS_FILE) as fh:
+        np.savez(fh, **windows_to_arrays(windows))
+
+
+def load_windows(label: omezarr.LabelImage) -> Windows | None:
+    """The windows saved with a segmentation, or None (none saved, or unreadable)."""
+    path = label.path / WINDOWS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return windows_from_arrays(dict(data))
+    except (OSError, ValueError):
+        return None
+
+
 def number_objects(label: omezarr.LabelImage) -> Steps[int]:
     """Turn the 0/1 chunks a run wrote into object ids, build the pyramid; the next free id."""
     n = yield from relabel_chunked(label.levels[0], int(label.levels[0].chunks[0]))
@@ -117,9 +140,12 @@ def resegment(engine: Engine, src: ImageSource, label: omezarr.LabelImage, boxes
     res = yield from engine.walk(src, near, stats=stats, output=output)
     for i, region in enumerate(regions):
         yield Progress(f"numbering objects: {i}/{len(regions)} regions", i, len(regions))
-        next_label, window = relabel_region(label.levels[0], region, next_label)
-        omezarr.update_pyramid(label, window)
+        with engine.timed("labels"):
+            next_label, window = relabel_region(label.levels[0], region, next_label)
+        with engine.timed("pyramid"):
+            omezarr.update_pyramid(label, window)
     omezarr.set_next_label(label, next_label)
+    res.timings.update({k: engine.timings[k] for k in ("labels", "pyramid") if k in engine.timings})
     return regions, res, next_label
 
 

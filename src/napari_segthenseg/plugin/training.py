@@ -159,6 +159,9 @@ def pieces_of(session: Session) -> list[Piece]:
     a slide the windows around its corrected boxes."""
     if getattr(session, "slide", None) is not None:
         return slide_pieces(session)
+    if getattr(session, "boxes3d", None) is not None:  # a VolumeSession
+        raise TrainingSetError("a volume cannot be added to a training set yet: the trainer takes 2D "
+                               "images (docs/VOLUMES.md)")
     if not session.alive(session.seg_layer):
         raise TrainingSetError("nothing to add yet: press Run (or draw boxes), correct the segmentation, "
                                "then add it")
