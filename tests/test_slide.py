@@ -133,6 +133,39 @@ def test_chunked_output_equals_the_in_memory_walk(slide_engine, canvas, tmp_path
     assert np.array_equal(lv1, m.reshape(m.shape[0] // 2, 2, m.shape[1] // 2, 2).max(axis=(1, 3)))
 
 
+def test_a_box_across_four_chunks_is_refined_once(slide_engine, tmp_path):
+    """Its chunk (the one of its centre) refines it and hands the other three their parts."""
+    yy, xx = np.mgrid[:768, :768]
+    img = np.zeros((768, 768), np.uint8)
+    for cy, cx, r in ((256, 256, 30), (60, 70, 20), (600, 400, 25)):  # a nucleus on the corner (256, 256)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 200
+    boxes = np.array([[216, 216, 296, 296], [40, 50, 80, 90]])
+    ref = slide_engine.segment(img, boxes)
+    image = omezarr.create(tmp_path / "b.ome.zarr", img.shape, chunk=256)
+    res = run(slide_engine.walk(img, boxes, output=ChunkedOutput(image.levels[0], 256, threads=2)))
+    s = slide_engine.settings.size
+    assert res.counts["refined"] == 2 and res.counts["fine_px"] == 2 * s * s  # once each, not 4 + 1
+    assert res.counts["chunks"] == 4 and res.counts["merges"] == 3
+    out = np.asarray(image.levels[0][:]) > 0
+    assert all(out[y:y + 256, x:x + 256].any() for y in (0, 256) for x in (0, 256))  # all four got parts
+    assert np.array_equal(out, ref.mask)
+
+
+def test_each_box_has_one_owner_among_the_regions():
+    from napari_segthenseg.engine.grid import box_owners
+
+    boxes = np.array([[100, 100, 140, 140], [120, 250, 140, 290], [250, 250, 270, 270], [250, 100, 270, 120],
+                      [500, 500, 510, 510]])
+    regions = [(0, 0, 256, 256), (0, 256, 200, 400), (256, 256, 300, 300)]  # parts of three tiles
+    owned, spills = box_owners(boxes, regions, 256)
+    # boxes 1 and 2 go to the region of their centre; box 3's centre tile (1, 0) has no region
+    assert [o.tolist() for o in owned] == [[0, 3], [1], [2]]
+    assert spills == [[], [0], [0]]  # boxes 1 and 2 also reach region 0
+    assert sum(len(o) for o in owned) == 4  # the box outside every region is nobody's
+    with pytest.raises(ValueError, match="alone inside one"):
+        box_owners(boxes, [(0, 0, 300, 100)], 256)
+
+
 def test_pyramid_update_of_one_region(tmp_path):
     image = omezarr.create(tmp_path / "p.ome.zarr", (1500, 1100), chunk=128)
     assert [lv.shape for lv in image.levels] == [(1500, 1100), (750, 550), (375, 275)]

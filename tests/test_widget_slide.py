@@ -110,7 +110,8 @@ def ran(make_napari_viewer, qtbot, slide_path, default_model):
 
 @pytest.fixture
 def chunk_calls(monkeypatch):
-    """Every output region the engine fuses, with how many boxes it refined for it."""
+    """Every output region the engine fuses, with how many boxes it refined for it (each box is
+    refined by one region, the others get their parts of it)."""
     calls: list[tuple[tuple[int, int, int, int], int]] = []
     segment_chunk = engine_slide.segment_chunk
 
@@ -327,7 +328,8 @@ def test_boxes_by_hand_on_a_slide(make_napari_viewer, qtbot, slide_path, referen
     assert not np.asarray(seg.data[0][:]).any()
     boxes_layer.add_rectangles([np.array([[299.5, 599.5], [339.5, 649.5]])])
     _wait(qtbot, widget)
-    assert [n for _, n in chunk_calls] == [1] * len(chunk_calls)  # only the drawn box, once per chunk
+    # only the drawn box, refined once (by the chunk of its centre) whatever chunks it touches
+    assert sorted(n for _, n in chunk_calls) == [0] * (len(chunk_calls) - 1) + [1]
     fused = {(r[0] // CHUNK, r[1] // CHUNK) for r, _ in chunk_calls}
     assert fused == _chunks_of(np.array([300, 600, 340, 650]))
     assert_same_mask(_level0(widget), run(engine.walk(src, boxes=widget.current_boxes())).mask)

@@ -2,19 +2,23 @@
 
 :class:`ChunkedOutput` is the walk's output for slides (the in-memory one is
 :class:`~.fine.InMemory`). Boxes are global and small; each output chunk is the OR of the fine
-results of the boxes that touch it (docs/WHOLE_SLIDES.md). A chunk's task reads the pixels
-under its boxes' crop windows (one read per chunk, from the base level), runs the fine net on
-those crops and fuses them into the chunk, which is written to the output array. Memory depends
-on the chunk and the batch, not on the slide. The tasks run on any ``concurrent.futures``
-executor: local threads by default, or a dask.distributed cluster's executor (the same function
-on every worker; a worker reopens the image from its path).
+results of the boxes that touch it (docs/WHOLE_SLIDES.md). Every box is refined exactly once, by
+the task of the chunk that owns it (:func:`~.grid.box_owners`: the chunk of its centre): that task
+reads the pixels under its boxes' crop windows (one read, from the base level), runs the fine net
+on those crops, fuses them into its chunk and writes it, and hands back the parts of its boxes'
+results that fall in neighbouring chunks (packed bits). Once a chunk's own task and those of its
+neighbours are done, a small task ORs those parts into it. Memory depends on the chunk and the
+batch, not on the slide. The tasks run on any ``concurrent.futures`` executor: local threads by
+default, or a dask.distributed cluster's executor (the same functions on every worker; a worker
+reopens the image from its path). Each chunk is written by one task at a time.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import numpy as np
 
 from .core import Core
 from .fine import FineResult
-from .grid import CHUNK, Region, boxes_by_chunk, tiles
+from .grid import CHUNK, Region, box_owners, boxes_by_chunk, tiles
 from .image import ImageSource
 from .limits import IN_MEMORY_MASK_PX
 from .localnorm import Windows
@@ -33,7 +37,8 @@ from .reader import open_image
 
 CHUNK_MEMORY_MB = 256.0  # activation budget of one chunk's fine batch
 
-__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "run_chunk", "segment_chunk"]
+__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "merge_parts", "run_chunk",
+           "segment_chunk"]
 
 
 @dataclass
@@ -71,34 +76,67 @@ class ChunkedOutput:
         """Steps 3-4 for a slide: every chunk with boxes (or the given ``regions``), on local
         threads or a cluster. Timings are the summed stage times of the tasks (thread-seconds)."""
         hw, chunk = src.hw, self.chunk
-        index = boxes_by_chunk(boxes, hw, chunk)
         regions = self.regions
         if regions is None:
+            index = boxes_by_chunk(boxes, hw, chunk)
             regions = [r for r in tiles(hw, chunk) if (r[0] // chunk, r[1] // chunk) in index]
+        owned, spills = box_owners(boxes, regions, chunk)
+        # A region is final when its own task and every task spilling into it are done, and then
+        # the spilled parts are OR-ed in (a merge task): no two tasks ever write one chunk at once.
+        waits: list[set[int]] = [set() for _ in regions]
+        for k, targets in enumerate(spills):
+            for t in targets:
+                waits[t].add(k)
+        todo = [k for k in range(len(regions)) if len(owned[k]) or self.overwrite]
+        for k in todo:
+            waits[k].add(k)
         job = ChunkJob(core.model, str(core.device), src, stats, self.array, overwrite=self.overwrite)
         shared: object = job
         if self.client is None:
-            executor: Executor = ThreadPoolExecutor(max(1, min(self.threads, len(regions))))
+            executor: Executor = ThreadPoolExecutor(max(1, min(self.threads, len(todo))))
         else:
             if self.source_path is None:
                 raise ValueError("a cluster's workers need the image's path to read it")
             job.source = self.source_path
             executor = self.client.get_executor()
             shared = self.client.scatter(job, broadcast=True)  # the model and windows, sent once
-        futures: dict[Future, Region] = {}
+        futures: dict[Future, tuple[bool, int]] = {}  # (is a merge, region)
+        inbox: list[list[Part]] = [[] for _ in regions]
         times: dict[str, float] = {}
-        counts: dict[str, int] = {"chunks": len(regions)}
+        counts: dict[str, int] = {"chunks": len(regions), "merges": 0}
+        done = sum(1 for w in waits if not w)
         try:
-            for r in regions:
-                idx = index.get((r[0] // chunk, r[1] // chunk), np.zeros(0, np.int64))
-                futures[executor.submit(run_chunk, shared, r, boxes[idx])] = r
-            yield Progress(f"fine pass: 0/{len(regions)} chunks", 0, len(regions))
-            for done, fut in enumerate(as_completed(futures), start=1):
-                t, c = fut.result()
-                for k, v in t.items():
-                    times[k] = times.get(k, 0.0) + v
-                for k, v in c.items():
-                    counts[k] = counts.get(k, 0) + v
+            for k in todo:
+                fut = executor.submit(run_chunk, shared, regions[k], boxes[owned[k]],
+                                      [regions[t] for t in spills[k]])
+                futures[fut] = (False, k)
+            yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    merge, k = futures.pop(fut)
+                    t, c, parts = fut.result()
+                    for key, v in t.items():
+                        times[key] = times.get(key, 0.0) + v
+                    for key, v in c.items():
+                        counts[key] = counts.get(key, 0) + v
+                    if merge:
+                        done += 1
+                        continue
+                    for target, part in zip(spills[k], parts, strict=True):
+                        if part is not None:
+                            inbox[target].append(part)
+                    for target in (k, *spills[k]):
+                        waits[target].discard(k)
+                        if waits[target]:
+                            continue
+                        if inbox[target]:
+                            nxt = executor.submit(merge_parts, shared, inbox[target])
+                            futures[nxt], inbox[target] = (True, target), []
+                            pending.add(nxt)
+                        else:
+                            done += 1
                 yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
         finally:
             for fut in futures:
@@ -110,14 +148,15 @@ class ChunkedOutput:
 
 
 def segment_chunk(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows,
-                  region: Region) -> np.ndarray:
-    """The fused mask of one output ``region`` from the ``boxes`` that touch it (bool)."""
+                  region: Region) -> tuple[np.ndarray, np.ndarray]:
+    """The fused mask of one output ``region`` from ``boxes`` (bool), and their fine results."""
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     ry0, rx0, ry1, rx1 = region
     if len(boxes) == 0:
-        return np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool)
+        s = core.settings.size
+        return np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool), np.zeros((0, s, s), np.float32)
     probs = core.refine_local(src, boxes, stats)
-    return core.fuse(probs, boxes, src.hw, region=region)
+    return core.fuse(probs, boxes, src.hw, region=region), probs
 
 
 @dataclass
@@ -159,18 +198,55 @@ def _source_for(job: ChunkJob) -> ImageSource:
         return _sources[job.source]
 
 
-def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray) -> tuple[dict[str, float], dict[str, int]]:
-    """Task: segment one output chunk and write it; returns its timings and counts."""
+Part = tuple[Region, np.ndarray]  # part of a box's result in another task's region: area, packed bits
+TaskResult = tuple[dict[str, float], dict[str, int], list[Part | None]]
+
+
+def _overlapping(boxes: np.ndarray, region: Region) -> np.ndarray:
+    y0, x0, y1, x1 = region
+    return (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
+
+
+def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Region] | None = None
+              ) -> TaskResult:
+    """Task: refine the ``boxes`` this region owns, write the region, and return the parts of their
+    results that fall in the ``targets`` (other regions; None where nothing is foreground there)."""
     core = _core_for(job)
     core.timings, core.counts = {}, {}
-    mask = None
+    mask = probs = None
     try:
-        mask = segment_chunk(core, _source_for(job), boxes, job.stats, region)
+        src = _source_for(job)
+        mask, probs = segment_chunk(core, src, boxes, job.stats, region)
         y0, x0, y1, x1 = region
         with core.timed("write"):
             if job.overwrite or mask.any():  # all-background chunks stay unwritten (the fill value)
                 job.array[y0:y1, x0:x1] = mask.astype(np.uint8)
-        return dict(core.timings), {**core.counts, "chunk_boxes": len(boxes)}
+        parts: list[Part | None] = []
+        boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        for t in targets or []:
+            sel = _overlapping(boxes, t)
+            b = boxes[sel]
+            area = (max(t[0], int(b[:, 0].min())), max(t[1], int(b[:, 1].min())),
+                    min(t[2], int(b[:, 2].max())), min(t[3], int(b[:, 3].max())))
+            patch = core.fuse(probs[sel], b, src.hw, region=area)
+            parts.append((area, np.packbits(patch)) if patch.any() else None)
+        return dict(core.timings), {**core.counts, "chunk_boxes": len(boxes)}, parts
     finally:
-        del mask
+        del mask, probs
         release_free_memory()  # else the heap keeps every chunk's peak (see .memory)
+
+
+def merge_parts(job: ChunkJob, parts: list[Part]) -> TaskResult:
+    """Task: OR the parts other regions' boxes left in one region into the array (after that
+    region's own task wrote it). One read and one write of their common extent."""
+    t0 = time.perf_counter()
+    areas = np.array([a for a, _ in parts], dtype=np.int64)
+    y0, x0 = areas[:, :2].min(0).tolist()
+    y1, x1 = areas[:, 2:].max(0).tolist()
+    block = np.asarray(job.array[y0:y1, x0:x1]) > 0
+    for (ay0, ax0, ay1, ax1), bits in parts:
+        n = (ay1 - ay0) * (ax1 - ax0)
+        block[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0] |= np.unpackbits(bits, count=n).reshape(
+            ay1 - ay0, ax1 - ax0).astype(bool)
+    job.array[y0:y1, x0:x1] = block.astype(np.uint8)
+    return {"merge": time.perf_counter() - t0}, {"merges": 1}, []
