@@ -11,9 +11,10 @@ The boxes file is written last, so an image is done when both of its files exist
 ``segthenseg-predict.json`` then records the model (SHA-256) and options it was made with
 (:mod:`.manifest`). A rerun skips finished images made with the same model and options, redoes
 the others (saying why; ``--overwrite`` redoes all) and removes what a killed run left behind
-(temporary files and ``.partial`` folders). A file that cannot be read or segmented is reported
-and skipped; a full disk stops the run at once. Every output path is checked before the first
-image. See docs/WHOLE_SLIDES.md for slides.
+(temporary files and ``.partial`` folders), except a slide killed during its fine pass with the same
+model and options: that one goes on where it stopped (its journal, :mod:`..engine.journal`). A file
+that cannot be read or segmented is reported and skipped; a full disk stops the run at once. Every
+output path is checked before the first image. See docs/WHOLE_SLIDES.md for slides.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from ..engine.atomic import write_bytes
 from ..engine.boxes import label_objects
 from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
+from ..engine.journal import SlideJournal, load_journal
 from ..engine.labels import LABEL_DTYPE, relabel_chunked
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import Progress, drive
@@ -48,6 +50,7 @@ from .common import CliError, CommandProgress, check_output, model_path, open_en
 from .manifest import Manifest, Recipe, file_sha256
 
 FORMATS = ("auto", "tif", "ome-zarr")
+JOURNAL_DIR = "journal"  # in a slide's scratch folder
 
 
 class DiskFull(Exception):
@@ -71,10 +74,18 @@ def output_paths(out: Path, stem: str, zarr_out: bool = False, labels: bool = Fa
     return out / (f"{stem}_{kind}.ome.zarr" if zarr_out else f"{stem}_{kind}.tif"), out / f"{stem}.boxes.csv"
 
 
-def clean_leftovers(out: Path) -> int:
-    """Remove what killed runs left in ``out``: ``.NAME.*.tmp`` files and ``.NAME.partial`` folders."""
+def scratch_path(seg_path: Path) -> Path:
+    """A slide's working folder beside its output: the rough mask when large, and the journal."""
+    return seg_path.with_name(f".{seg_path.name}.scratch")
+
+
+def clean_leftovers(out: Path, keep: Collection[Path] = ()) -> int:
+    """Remove what killed runs left in ``out``: ``.NAME.*.tmp`` files and ``.NAME.partial`` folders
+    (but those in ``keep``: slides that go on)."""
     n = 0
     for p in out.glob(".*"):
+        if p in keep:
+            continue
         if p.is_file() and p.name.endswith(".tmp"):
             p.unlink(missing_ok=True)
             n += 1
@@ -88,12 +99,14 @@ def clean_leftovers(out: Path) -> int:
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
                  on_step: Callable[[Progress], None] | None = None,
-                 report: Path | None = None) -> tuple[Path, Path]:
+                 report: Path | None = None, key: dict | None = None,
+                 resume: SlideJournal | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
     JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
-    pixels).
+    pixels). A slide keeps a journal made with ``key`` (what it is made with) so that a killed run
+    can go on; ``resume`` is the journal of such a run (:func:`resumable`).
     """
     t0 = time.perf_counter()
     with open_image(path) as opened:
@@ -110,7 +123,8 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
             else:
                 write_mask(res.mask, seg_path)
         else:
-            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step)
+            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step,
+                                 key, resume)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
         plan = engine.plan(src.hw)
@@ -124,17 +138,35 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
 
 def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path, labels: bool,
                    chunk: int, client: object | None, threads: int,
-                   on_step: Callable[[Progress], None] | None):
-    """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place."""
+                   on_step: Callable[[Progress], None] | None, key: dict | None = None,
+                   resume: SlideJournal | None = None):
+    """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place.
+
+    With a ``key`` the run keeps a journal in its scratch folder; killed during the fine pass, the
+    ``.partial`` store and the journal stay, and ``resume`` (their journal) goes on with the same
+    boxes and windows, segmenting only the chunks that were not final.
+    """
     partial = omezarr.partial_path(seg_path)
-    scratch = seg_path.with_name(f".{seg_path.name}.scratch")
+    scratch = scratch_path(seg_path)
+    journal = resume if resume is not None else (
+        SlideJournal(scratch / JOURNAL_DIR, key) if key is not None else None)
     try:
-        image = omezarr.create(partial, src.hw, chunk, dtype=LABEL_DTYPE.__name__ if labels else "uint8",
-                               name=stem_of(path))
-        scratch.mkdir(parents=True, exist_ok=True)
-        output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads,
-                               source_path=str(path.resolve()))
-        res = drive(engine.walk(src, output=output), on_step)
+        source = str(path.resolve())
+        if resume is not None:
+            image = omezarr.open_label_image(partial, mode="r+")
+            remaining = resume.remaining()
+            output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
+                                   overwrite=True, regions=remaining, journal=resume)
+            res = drive(engine.walk(src, resume.boxes, stats=resume.stats, output=output), on_step)
+            res.counts["chunks_resumed"] = len(resume.done) - len(remaining)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)  # another run's journal (e.g. --overwrite)
+            image = omezarr.create(partial, src.hw, chunk, dtype=LABEL_DTYPE.__name__ if labels else "uint8",
+                                   name=stem_of(path))
+            scratch.mkdir(parents=True, exist_ok=True)
+            output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
+                                   journal=journal)
+            res = drive(engine.walk(src, output=output), on_step)
         if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
             n = drive(relabel_chunked(image.levels[0], chunk), on_step)
             omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
@@ -143,9 +175,32 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
         omezarr.finish(partial, seg_path)
         return res
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if journal is None or not journal.resumes:  # killed before the fine pass: nothing to keep
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def resumable(out: Path, files: Sequence[Path], recipe: Recipe, overwrite: bool
+              ) -> dict[Path, SlideJournal]:
+    """The slides a killed run left in ``out`` during their fine pass with the same model, options
+    and input: their journals (the run goes on with them). None with ``--overwrite``."""
+    found: dict[Path, SlideJournal] = {}
+    if overwrite:
+        return found
+    for f in files:
+        seg_path = output_paths(out, stem_of(f), True, recipe.labels)[0]
+        if not omezarr.partial_path(seg_path).is_dir():
+            continue
+        journal = load_journal(scratch_path(seg_path) / JOURNAL_DIR)
+        if journal is not None and journal.key == journal_key(recipe, f, seg_path):
+            found[f] = journal
+    return found
+
+
+def journal_key(recipe: Recipe, path: Path, seg_path: Path) -> dict:
+    """What a slide is made with, as its journal keeps it (JSON's view of it)."""
+    return json.loads(json.dumps(recipe.entry(path, [seg_path], True)))
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -319,12 +374,17 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create output folder {args.out}: {exc}") from exc
-    if clean_leftovers(args.out):
+    resume = resumable(args.out, files, recipe, args.overwrite)
+    if clean_leftovers(args.out, keep_for(args.out, resume, args.labels)):
         print(f"removed unfinished outputs of an interrupted run in {args.out}", file=sys.stderr)
     manifest = Manifest(args.out)
     todo, notes = plan_work(files, args.out, manifest, recipe, args.overwrite)
     for note in notes:
         print(note, file=sys.stderr)
+    for f, journal in resume.items():
+        total = len(journal.done) + len(journal.remaining())
+        print(f"{f.name}: going on where an interrupted run stopped with the same model and options "
+              f"({len(journal.done)} of {total} chunks done)", file=sys.stderr)
     written = 0
     with ExitStack() as stack:
         client = open_client(args, stack)
@@ -332,8 +392,10 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         for f in progress:
             try:
                 unfinish(args.out, f)
+                seg_path = output_paths(args.out, stem_of(f), True, args.labels)[0]
                 seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
-                                          args.threads, on_step=progress.on_step, report=args.report)
+                                          args.threads, on_step=progress.on_step, report=args.report,
+                                          key=journal_key(recipe, f, seg_path), resume=resume.get(f))
                 manifest.record(stem_of(f), recipe.entry(f, [seg, boxes], seg.name.endswith(".ome.zarr")))
                 written += 1
             except OSError as exc:
@@ -347,6 +409,12 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                 skipped.append((f, _reason(f, exc)))
                 progress.write(f"skipped {_reason(f, exc)}")
     return written, skipped
+
+
+def keep_for(out: Path, resume: dict[Path, SlideJournal], labels: bool) -> set[Path]:
+    """The ``.partial`` store and scratch folder of each slide that goes on."""
+    segs = [output_paths(out, stem_of(f), True, labels)[0] for f in resume]
+    return {p for seg in segs for p in (omezarr.partial_path(seg), scratch_path(seg))}
 
 
 def _reason(f: Path, exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from .core import Core
 from .fine import FineResult
 from .grid import CHUNK, Region, box_owners, boxes_by_chunk, tiles
 from .image import ImageSource
+from .journal import SlideJournal
 from .limits import IN_MEMORY_MASK_PX
 from .localnorm import Windows
 from .memory import release_free_memory
@@ -51,6 +52,8 @@ class ChunkedOutput:
     ``client`` (a dask.distributed ``Client``), which reopen the image from ``source_path``.
     ``regions`` limits the work to those parts of the chunks (re-segmenting after edits; by
     default every chunk that boxes touch) and ``overwrite`` writes chunks that come out empty.
+    A ``journal`` records the boxes, the windows and each chunk once it is final, so that a killed
+    run can go on (:mod:`.journal`).
     """
 
     array: object
@@ -61,6 +64,7 @@ class ChunkedOutput:
     source_path: str | None = None
     overwrite: bool = False
     regions: list[Region] | None = None
+    journal: SlideJournal | None = None
     in_memory = False  # the mask stays on disk (no baseline at full resolution)
 
     def rough_store(self, rough_hw: tuple[int, int]) -> object:
@@ -81,6 +85,8 @@ class ChunkedOutput:
             index = boxes_by_chunk(boxes, hw, chunk)
             regions = [r for r in tiles(hw, chunk) if (r[0] // chunk, r[1] // chunk) in index]
         owned, spills = box_owners(boxes, regions, chunk)
+        if self.journal is not None:
+            self.journal.started(boxes, stats, hw, chunk)
         # A region is final when its own task and every task spilling into it are done, and then
         # the spilled parts are OR-ed in (a merge task): no two tasks ever write one chunk at once.
         waits: list[set[int]] = [set() for _ in regions]
@@ -104,7 +110,10 @@ class ChunkedOutput:
         inbox: list[list[Part]] = [[] for _ in regions]
         times: dict[str, float] = {}
         counts: dict[str, int] = {"chunks": len(regions), "merges": 0}
-        done = sum(1 for w in waits if not w)
+        done = 0
+        for k, w in enumerate(waits):
+            if not w:  # nothing to write there
+                done += self._final(regions[k])
         try:
             for k in todo:
                 fut = executor.submit(run_chunk, shared, regions[k], boxes[owned[k]],
@@ -114,15 +123,18 @@ class ChunkedOutput:
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                failed = [f for f in finished if f.exception() is not None]
                 for fut in finished:
                     merge, k = futures.pop(fut)
+                    if fut in failed:
+                        continue
                     t, c, parts = fut.result()
                     for key, v in t.items():
                         times[key] = times.get(key, 0.0) + v
                     for key, v in c.items():
                         counts[key] = counts.get(key, 0) + v
                     if merge:
-                        done += 1
+                        done += self._final(regions[k])
                         continue
                     for target, part in zip(spills[k], parts, strict=True):
                         if part is not None:
@@ -136,7 +148,9 @@ class ChunkedOutput:
                             futures[nxt], inbox[target] = (True, target), []
                             pending.add(nxt)
                         else:
-                            done += 1
+                            done += self._final(regions[target])
+                if failed:  # after the others that finished are recorded (a journal keeps them)
+                    failed[0].result()
                 yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
         finally:
             for fut in futures:
@@ -145,6 +159,11 @@ class ChunkedOutput:
                 executor.shutdown(wait=True, cancel_futures=True)
         counts["refined"] = counts.get("chunk_boxes", 0)
         return FineResult(self.array, None, times, counts)
+
+    def _final(self, region: Region) -> int:
+        if self.journal is not None:
+            self.journal.finished(region)
+        return 1
 
 
 def segment_chunk(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows,
