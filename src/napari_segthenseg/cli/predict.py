@@ -48,6 +48,7 @@ from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_ima
 from ..engine.slide import CHUNK, ChunkedOutput
 from .common import CliError, CommandProgress, check_output, model_path, open_engine
 from .manifest import Manifest, Recipe, file_sha256
+from .qupath import geojson_path, read_boxes_file, write_image_geojson, write_slide_geojson
 
 FORMATS = ("auto", "tif", "ome-zarr")
 JOURNAL_DIR = "journal"  # in a slide's scratch folder
@@ -100,13 +101,15 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
                  on_step: Callable[[Progress], None] | None = None,
                  report: Path | None = None, key: dict | None = None,
-                 resume: SlideJournal | None = None) -> tuple[Path, Path]:
+                 resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
+                 geojson: bool = False) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
     JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
     pixels). A slide keeps a journal made with ``key`` (what it is made with) so that a killed run
-    can go on; ``resume`` is the journal of such a run (:func:`resumable`).
+    can go on; ``resume`` is the journal of such a run (:func:`resumable`). ``boxes`` (drawn by hand)
+    skip the rough pass; ``geojson`` also writes the objects as QuPath detections.
     """
     t0 = time.perf_counter()
     with open_image(path) as opened:
@@ -116,15 +119,19 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
         if src.height < engine.settings.size or src.width < engine.settings.size:
             tqdm.write(f"note: {path} ({src.height} x {src.width}) is smaller than the model's input size "
                        f"S={engine.settings.size}; it is upsampled", file=sys.stderr)
+        gj_path = geojson_path(out, stem_of(path)) if geojson else None
         if not zarr_out:
-            res = drive(engine.walk(src), on_step)
+            res = drive(engine.walk(src, boxes), on_step)
+            ids = label_objects(res.mask) if labels or geojson else None
             if labels:
-                write_tif(label_objects(res.mask), seg_path)
+                write_tif(ids, seg_path)
             else:
                 write_mask(res.mask, seg_path)
+            if gj_path is not None:
+                write_image_geojson(ids, gj_path)
         else:
             res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step,
-                                 key, resume)
+                                 key, resume, boxes, gj_path)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
         plan = engine.plan(src.hw)
@@ -139,7 +146,8 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
 def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path, labels: bool,
                    chunk: int, client: object | None, threads: int,
                    on_step: Callable[[Progress], None] | None, key: dict | None = None,
-                   resume: SlideJournal | None = None):
+                   resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
+                   geojson: Path | None = None):
     """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place.
 
     With a ``key`` the run keeps a journal in its scratch folder; killed during the fine pass, the
@@ -166,10 +174,12 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
             scratch.mkdir(parents=True, exist_ok=True)
             output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
                                    journal=journal)
-            res = drive(engine.walk(src, output=output), on_step)
+            res = drive(engine.walk(src, boxes, output=output), on_step)
         if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
             n = drive(relabel_chunked(image.levels[0], chunk), on_step)
             omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
+        if geojson is not None:
+            write_slide_geojson(image.levels[0], chunk, geojson, scratch, labels, on_step)
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)
@@ -235,11 +245,13 @@ def check_unique_stems(files: Sequence[Path]) -> None:
         seen[stem] = f
 
 
-def is_done(out: Path, path: Path, labels: bool) -> bool:
-    """Whether a previous run finished this image (its segmentation and its boxes file exist)."""
+def is_done(out: Path, path: Path, labels: bool, geojson: bool = False) -> bool:
+    """Whether a previous run finished this image (its segmentation and its boxes file exist, and its
+    GeoJSON when asked)."""
     stem = stem_of(path)
     _, boxes = output_paths(out, stem)
-    return boxes.is_file() and any(output_paths(out, stem, z, labels)[0].exists() for z in (False, True))
+    return (boxes.is_file() and any(output_paths(out, stem, z, labels)[0].exists() for z in (False, True))
+            and (not geojson or geojson_path(out, stem).is_file()))
 
 
 # -- what a rerun redoes -------------------------------------------------------------------------
@@ -250,7 +262,7 @@ def plan_work(files: Sequence[Path], out: Path, manifest: Manifest, recipe: Reci
     todo: list[Path] = []
     groups: dict[str, list[Path]] = {}
     for f in files:
-        if not is_done(out, f, recipe.labels):
+        if not is_done(out, f, recipe.labels, recipe.geojson):
             todo.append(f)
             continue
         why = "--overwrite" if overwrite else manifest.why_redo(stem_of(f), f, recipe)
@@ -316,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one JSON line per image: size, rough plan, boxes, stage seconds, network px")
     p.add_argument("--threads", type=int, default=2, metavar="N",
                    help="local threads working on OME-Zarr chunks (default: %(default)s)")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write DIR/<stem>.geojson: one QuPath detection per object (its outline in "
+                        "image pixels, with area and centroid); drag it onto the image in QuPath")
+    p.add_argument("--boxes", type=Path, metavar="FILE",
+                   help="segment these boxes instead of finding them (no rough pass; one image): a boxes "
+                        "CSV (y0,x0,y1,x1) or a GeoJSON file of QuPath rectangles (other shapes: their "
+                        "bounding boxes)")
     p.add_argument("--overwrite", action="store_true",
                    help="make every image again, even those already made with the same model and options")
     cluster = p.add_mutually_exclusive_group()
@@ -362,12 +381,13 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         engine.rough_scale = args.rough_scale
     except ValueError as exc:
         raise CliError(f"--rough-scale: {exc}") from exc
-    if engine.model.rough is None:
+    given = given_boxes(args, files)
+    if engine.model.rough is None and given is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
-                       "use the napari plugin to draw boxes")
+                       "give boxes with --boxes FILE, or draw them in the napari plugin")
     name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else str(model_file)
     recipe = Recipe(args.model, file_sha256(model_file), args.rough_scale, args.labels, args.format,
-                    args.chunk)
+                    args.chunk, args.geojson, file_sha256(args.boxes) if given is not None else None)
     print(f"model: {name} ({engine.model.describe()}; SHA-256 {recipe.model_sha256[:12]}…) on "
           f"{engine.device}", file=sys.stderr)
     try:
@@ -395,8 +415,10 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                 seg_path = output_paths(args.out, stem_of(f), True, args.labels)[0]
                 seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
                                           args.threads, on_step=progress.on_step, report=args.report,
-                                          key=journal_key(recipe, f, seg_path), resume=resume.get(f))
-                manifest.record(stem_of(f), recipe.entry(f, [seg, boxes], seg.name.endswith(".ome.zarr")))
+                                          key=journal_key(recipe, f, seg_path), resume=resume.get(f),
+                                          boxes=given, geojson=args.geojson)
+                made = [seg, boxes] + ([geojson_path(args.out, stem_of(f))] if args.geojson else [])
+                manifest.record(stem_of(f), recipe.entry(f, made, seg.name.endswith(".ome.zarr")))
                 written += 1
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -409,6 +431,15 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                 skipped.append((f, _reason(f, exc)))
                 progress.write(f"skipped {_reason(f, exc)}")
     return written, skipped
+
+
+def given_boxes(args: argparse.Namespace, files: Sequence[Path]) -> np.ndarray | None:
+    """The boxes of ``--boxes`` (one image only), read before any work; None without it."""
+    if args.boxes is None:
+        return None
+    if len(files) != 1:
+        raise CliError(f"--boxes holds the boxes of one image, but {len(files)} images were given")
+    return read_boxes_file(args.boxes)
 
 
 def keep_for(out: Path, resume: dict[Path, SlideJournal], labels: bool) -> set[Path]:
