@@ -259,3 +259,31 @@ def test_intensity_windows_are_kept_as_plain_arrays(slide_engine):
     assert windows_from_arrays(windows_to_arrays(NormStats(3.0, 9.0))) == NormStats(3.0, 9.0)
     with pytest.raises(ValueError, match="not intensity windows"):
         windows_from_arrays({"kind": np.array("local")})
+
+
+def test_the_rough_scale_follows_the_physical_pixel_size(default_model):
+    """A model trained at 0.5 µm/px with scale 4: a 0.25 µm/px (40x) slide is read at scale 8 (2 µm per
+    rough px either way), with a window twice as wide; unknown sizes keep the trained scale in px."""
+    at40 = plan_rough((20480, 20480), 64, DSB_SCALE, pixel_size=0.25, trained_pixel_size=0.5)
+    assert at40.tiled and at40.scale == 8.0 and at40.window == 512 and at40.physical == 2.0
+    assert "2 µm per rough px" in at40.describe()
+    assert plan_rough((20480, 20480), 64, DSB_SCALE, pixel_size=0.25).scale == 4.0  # the model's unknown
+    assert plan_rough((20480, 20480), 64, DSB_SCALE, None, trained_pixel_size=0.5).scale == 4.0
+    sizes = {"pixel_size": 0.25, "trained_pixel_size": 0.5}
+    assert plan_rough((20480, 20480), 64, DSB_SCALE, 6.0, **sizes).scale == 6.0  # the user's rough scale
+    assert not plan_rough((256, 320), 64, DSB_SCALE, **sizes).tiled  # ordinary images: the paper's pass
+    import dataclasses
+
+    from napari_segthenseg.engine.modelfile import StSModel
+
+    model = StSModel(dataclasses.replace(default_model.settings, pixel_size=0.5), default_model.rough,
+                     default_model.fine)
+    engine = Engine(model, "cpu")
+    import dask.array as da
+
+    src = ImageSource(da.zeros((20480, 20480), dtype=np.uint8), pixel_size=0.25)
+    assert engine.plan_for(src).scale == 8.0
+    engine.pixel_size = 0.5  # the user's override wins over the file's
+    assert engine.plan_for(src).scale == 4.0
+    with pytest.raises(ValueError, match="positive"):
+        engine.pixel_size = -1

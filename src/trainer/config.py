@@ -45,6 +45,7 @@ class TrainConfig:
     min_box: int = MIN_BOX
     normalisation: str = "minmax"
     val_crops_per_image: int = 8
+    pixel_size: float | None = None  # µm per pixel of the training images (recorded in the model)
     augment: bool = True
     resume: bool = False
     command: str = ""
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ValueError("--workers and --threads cannot be negative")
         if self.pad is not None and self.pad < 0:
             raise ValueError("--pad cannot be negative")
+        if self.pixel_size is not None and not 0 < self.pixel_size < float("inf"):
+            raise ValueError("--pixel-size must be a positive number of µm per pixel")
         try:
             resolve_device(self.device)  # "cuda:1" is fine; an unknown or absent device is not
         except ValueError as exc:
@@ -129,6 +132,10 @@ OPTIONS: dict[str, Option] = {
     "normalisation": Option("intensity normalisation (stored in the model)", choices=NORMALISATIONS),
     "val_crops_per_image": Option("fixed objects per selection image for the fine stage's validation Dice",
                                   metavar="N"),
+    "pixel_size": Option("µm per pixel of the training images; recorded in the model, so that slides of "
+                         "another resolution get the rough pass at the same physical scale "
+                         "(docs/WHOLE_SLIDES.md)",
+                         default_text="unknown", metavar="UM"),
     "augment": Option("turn the paper's augmentation off (it is on by default)"),
     "resume": Option("continue the run in --out from its last good checkpoint"),
 }

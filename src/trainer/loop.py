@@ -288,7 +288,7 @@ class Run:
         }
         settings = ModelSettings(size=cfg.size, in_channels=self.channels, pad=self.pad, min_box=cfg.min_box,
                                  normalisation=cfg.normalisation, trained_on=f"{cfg.data.name} train split",
-                                 trained_scale=self.trained_scale(), notes=notes)
+                                 trained_scale=self.trained_scale(), pixel_size=cfg.pixel_size, notes=notes)
         model = StSModel(settings, self.best_or_current("rough"), self.best_or_current("fine"))
         path = self.out / MODEL_NAME
         try:

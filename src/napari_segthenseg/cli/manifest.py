@@ -2,11 +2,11 @@
 
 ``DIR/segthenseg-predict.json`` records, per output stem, the model file's SHA-256, the options that
 change the output (``--rough-scale``, ``--labels``, ``--format``, ``--geojson``, the boxes file of
-``--boxes`` (its SHA-256), and ``--chunk`` for OME-Zarr outputs) and the input file (path, size,
-modification time). A rerun skips an image only when its outputs are complete (its boxes file
-exists) **and** this record matches what is asked now; anything else is redone and the reason said,
-as ``make`` would. The file is written atomically after each image, after its boxes file, so a
-killed run never records an image it did not finish.
+``--boxes`` (its SHA-256), ``--pixel-size``, and ``--chunk`` for OME-Zarr outputs) and the input
+file (path, size, modification time). A rerun skips an image only when its outputs are complete (its
+boxes file exists) **and** this record matches what is asked now; anything else is redone and the
+reason said, as ``make`` would. The file is written atomically after each image, after its boxes
+file, so a killed run never records an image it did not finish.
 """
 
 from __future__ import annotations
@@ -54,13 +54,14 @@ class Recipe:
     chunk: int  # matters for OME-Zarr outputs only
     geojson: bool = False  # QuPath detections written too
     boxes_sha256: str | None = None  # boxes given by hand (--boxes): the file's SHA-256
+    pixel_size: float | None = None  # --pixel-size (µm), instead of what the files record
 
     def entry(self, path: Path, outputs: list[Path], zarr_out: bool) -> dict[str, object]:
         """The record of one finished image."""
         return {"input": input_stamp(path), "model": self.model, "model_sha256": self.model_sha256,
                 "rough_scale": self.rough_scale, "labels": self.labels, "format": self.format,
                 "written_as": "ome-zarr" if zarr_out else "tif", "chunk": self.chunk if zarr_out else None,
-                "geojson": self.geojson, "boxes_sha256": self.boxes_sha256,
+                "geojson": self.geojson, "boxes_sha256": self.boxes_sha256, "pixel_size": self.pixel_size,
                 "outputs": [p.name for p in outputs]}
 
     def differences(self, entry: dict[str, object], path: Path) -> str | None:
@@ -71,7 +72,8 @@ class Recipe:
         changed = [f"{name} {entry.get(key, default)!r} -> {now!r}" for name, key, now, default in (
             ("--rough-scale", "rough_scale", self.rough_scale, None),
             ("--labels", "labels", self.labels, None), ("--geojson", "geojson", self.geojson, False),
-            ("--boxes", "boxes_sha256", self.boxes_sha256, None))
+            ("--boxes", "boxes_sha256", self.boxes_sha256, None),
+            ("--pixel-size", "pixel_size", self.pixel_size, None))
             if entry.get(key, default) != now]
         if self.format not in (entry.get("format"), entry.get("written_as")):
             changed.append(f"--format {entry.get('format')!r} -> {self.format!r}")

@@ -113,7 +113,10 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
     """
     t0 = time.perf_counter()
     with open_image(path) as opened:
-        src = ImageSource(opened.levels, name=str(path))
+        src = ImageSource(opened.levels, name=str(path), pixel_size=opened.pixel_size)
+        pixel_size = engine.pixel_size or opened.pixel_size
+        if engine.plan_for(src).tiled:
+            tqdm.write(scale_note(engine, src, path), file=sys.stderr)
         zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_IMAGE_PX)
         seg_path, boxes_path = output_paths(out, stem_of(path), zarr_out, labels)
         if src.height < engine.settings.size or src.width < engine.settings.size:
@@ -128,19 +131,33 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
             else:
                 write_mask(res.mask, seg_path)
             if gj_path is not None:
-                write_image_geojson(ids, gj_path)
+                write_image_geojson(ids, gj_path, pixel_size)
         else:
             res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step,
                                  key, resume, boxes, gj_path)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
-        plan = engine.plan(src.hw)
+        plan = engine.plan_for(src)
         line = {"input": str(path), "output": str(seg_path), "hw": list(src.hw), "kind": opened.kind,
+                "pixel_size_um": pixel_size,
                 "rough": plan.describe(), "boxes": len(res.boxes), "seconds": time.perf_counter() - t0,
                 "timings": res.timings, "counts": res.counts}
         with open(report, "a") as fh:
             fh.write(json.dumps(line) + "\n")
     return seg_path, boxes_path
+
+
+def scale_note(engine: Engine, src: ImageSource, path: Path) -> str:
+    """One line on how a slide's rough pass sees it, and the pixel sizes behind that."""
+    plan, trained = engine.plan_for(src), engine.settings.pixel_size
+    if engine.pixel_size:
+        size = f"{engine.pixel_size:g} µm/px (--pixel-size)"
+    else:
+        size = f"{src.pixel_size:.4g} µm/px (from the file)" if src.pixel_size else "pixel size unknown"
+    if plan.physical is None and engine.rough_scale is None:
+        size += ("; the model records none (segthenseg-train --pixel-size): the trained scale in px is used"
+                 if not trained else "; the trained scale in px is used (give --pixel-size to follow µm)")
+    return f"{path.name}: {size}; rough pass {plan.describe()}"
 
 
 def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path, labels: bool,
@@ -179,7 +196,8 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
             n = drive(relabel_chunked(image.levels[0], chunk), on_step)
             omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
         if geojson is not None:
-            write_slide_geojson(image.levels[0], chunk, geojson, scratch, labels, on_step)
+            write_slide_geojson(image.levels[0], chunk, geojson, scratch, labels, on_step,
+                                engine.pixel_size or src.pixel_size)
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)
@@ -317,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rough-scale", type=float, default=None, metavar="PX",
                    help="image px per rough-net px: tile the rough pass at this scale instead of the one "
                         "recorded in the model file (docs/WHOLE_SLIDES.md)")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM",
+                   help="µm per pixel of the inputs, instead of what their files record (OME, Aperio MPP, "
+                        "NDPI/TIFF resolution, OME-Zarr scale); with the model's, it sets a slide's rough "
+                        "scale (docs/WHOLE_SLIDES.md)")
     p.add_argument("--labels", action="store_true",
                    help="write instance labels (one id per object, uint16/uint32) instead of a 0/1 mask")
     p.add_argument("--format", choices=FORMATS, default="auto",
@@ -381,13 +403,18 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         engine.rough_scale = args.rough_scale
     except ValueError as exc:
         raise CliError(f"--rough-scale: {exc}") from exc
+    try:
+        engine.pixel_size = args.pixel_size
+    except ValueError as exc:
+        raise CliError(f"--pixel-size: {exc}") from exc
     given = given_boxes(args, files)
     if engine.model.rough is None and given is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
                        "give boxes with --boxes FILE, or draw them in the napari plugin")
     name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else str(model_file)
     recipe = Recipe(args.model, file_sha256(model_file), args.rough_scale, args.labels, args.format,
-                    args.chunk, args.geojson, file_sha256(args.boxes) if given is not None else None)
+                    args.chunk, args.geojson, file_sha256(args.boxes) if given is not None else None,
+                    args.pixel_size)
     print(f"model: {name} ({engine.model.describe()}; SHA-256 {recipe.model_sha256[:12]}…) on "
           f"{engine.device}", file=sys.stderr)
     try:

@@ -17,12 +17,19 @@ a message that says how to fix it. The rules, in one place (docs/WHOLE_SLIDES.md
 * a channel axis ``C`` (OME, ImageJ, NGFF) of 3 is taken as colour channels; 2 or more than 3
   channels are refused (the networks take gray or RGB);
 * any other axis longer than 1 (``Z``, ``T``, unknown ``Q``/``I``) is a stack: refused.
+
+The physical pixel size (µm per pixel) is read where the file records it: OME-XML ``PhysicalSizeX/Y``
+(OME-TIFF), the Aperio description's ``MPP`` (SVS), the TIFF resolution tags in pixels per centimetre
+(NDPI and other scanners' TIFFs; inches are left alone, as 72 dpi is every editor's default), ImageJ's
+``unit=micron``, and NGFF ``coordinateTransformations`` scales with ``space`` axis units (OME-Zarr).
+Anything else, or a value outside 0.01-100 µm, is unknown (None).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +56,7 @@ class OpenedImage:
     levels: list  # (H, W) or (H, W, C) arrays: NumPy when decoded, dask when read on demand
     kind: str
     _closers: list = field(default_factory=list, repr=False)
+    pixel_size: float | None = None  # µm per pixel of level 0, when the file records it
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,7 +70,8 @@ class OpenedImage:
         h, w = self.shape[:2]
         colour = f"{self.shape[2]} channels" if len(self.shape) == 3 else "gray"
         pyramid = f", {len(self.levels)} levels" if len(self.levels) > 1 else ""
-        return f"{self.kind}, {w} x {h} px, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}"
+        size = f", {self.pixel_size:.4g} µm/px" if self.pixel_size else ""
+        return f"{self.kind}, {w} x {h} px, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}{size}"
 
     def close(self) -> None:
         for closer in self._closers:
@@ -176,10 +185,11 @@ def _open_tiff(p: Path) -> OpenedImage:
         kind = _tiff_kind(tif, series)
         plan = _tiff_axes_plan(p, axes, shape, page)
         n_pixels = int(np.prod([n for a, n in zip(axes, shape, strict=True) if a in "YX"]))
+        size = tiff_pixel_size(tif)
         if len(series.levels) == 1 and n_pixels <= LAZY_MIN_PIXELS:
             arr = plan(series.asarray())
             tif.close()
-            return OpenedImage(p, [arr], kind)
+            return OpenedImage(p, [arr], kind, pixel_size=size)
         import dask.array as da
         import zarr
 
@@ -187,7 +197,7 @@ def _open_tiff(p: Path) -> OpenedImage:
         node = zarr.open(store, mode="r")
         arrays = [node] if hasattr(node, "shape") else [node[str(i)] for i in range(len(series.levels))]
         levels = [plan(da.from_zarr(a)) for a in arrays]
-        return OpenedImage(p, levels, kind, [store.close, tif.close])
+        return OpenedImage(p, levels, kind, [store.close, tif.close], pixel_size=size)
     except BaseException:
         tif.close()
         raise
@@ -269,8 +279,85 @@ def _open_ome_zarr(p: Path) -> OpenedImage:
             names = list("tczyx"[-len(node.data[0].shape):])
         axes = "".join(n[0].upper() for n in names)
         plan = _axes_plan(p, axes, tuple(node.data[0].shape), samples_are_colour=False, alpha=False)
-        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr")
+        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr",
+                           pixel_size=ngff_pixel_size(node.metadata))
     raise ImageFileError(f"{p}: an OME-Zarr folder with no multiscale image")
+
+
+# -- physical pixel size ----------------------------------------------------------------------
+UM_PER_UNIT = {"nm": 1e-3, "nanometer": 1e-3, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "micron": 1.0,
+               "micrometer": 1.0, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6,
+               "meter": 1e6}
+PLAUSIBLE_UM = (0.01, 100.0)  # µm per pixel: from electron-microscope-ish to a phone photo of a slide
+
+
+def plausible(x_um: float | None, y_um: float | None = None) -> float | None:
+    """One pixel size from x and y (their geometric mean), or None when unknown or implausible."""
+    vals = [float(v) for v in (x_um, y_um) if v is not None]
+    if not vals or not all(np.isfinite(v) and v > 0 for v in vals):
+        return None
+    size = float(np.sqrt(np.prod(vals))) if len(vals) == 2 else vals[0]
+    return size if PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1] else None
+
+
+def tiff_pixel_size(tif) -> float | None:
+    """µm per pixel of a TIFF's level 0 from its metadata (see the module's notes), or None."""
+    import tifffile
+
+    try:
+        page = tif.pages.first
+        if tif.is_ome and tif.ome_metadata:
+            return _ome_xml_pixel_size(tif.ome_metadata)
+        if tif.is_svs:  # "Aperio Image Library ...|AppMag = 20|MPP = 0.4990|..."
+            mpp = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description)
+            return plausible(float(mpp.group(1))) if mpp else None
+        unit = page.tags.get("ResolutionUnit")
+        unit = int(unit.value) if unit is not None else 1
+        xres, yres = (page.tags.get(n) for n in ("XResolution", "YResolution"))
+        if xres is None or yres is None:
+            return None
+        ppx, ppy = (v.value[0] / v.value[1] if isinstance(v.value, tuple) else float(v.value)
+                    for v in (xres, yres))
+        if unit == int(tifffile.RESUNIT.CENTIMETER):
+            return plausible(1e4 / ppx, 1e4 / ppy)
+        if tif.is_imagej and str((tif.imagej_metadata or {}).get("unit", "")).lower() in UM_PER_UNIT:
+            scale = UM_PER_UNIT[str(tif.imagej_metadata["unit"]).lower()]
+            return plausible(scale / ppx, scale / ppy)
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    return None
+
+
+def _ome_xml_pixel_size(xml: str) -> float | None:
+    import xml.etree.ElementTree as ET
+
+    for el in ET.fromstring(xml).iter():
+        if el.tag.endswith("}Pixels") or el.tag == "Pixels":
+            sizes = []
+            for axis in "XY":
+                v = el.get(f"PhysicalSize{axis}")
+                unit = el.get(f"PhysicalSize{axis}Unit", "µm")
+                sizes.append(float(v) * UM_PER_UNIT[unit] if v is not None and unit in UM_PER_UNIT else None)
+            return plausible(*sizes) if sizes[0] is not None else None
+    return None
+
+
+def ngff_pixel_size(metadata: dict) -> float | None:
+    """µm per pixel of an OME-Zarr image's level 0 (NGFF 0.4+ scale transformations and axis units)."""
+    try:
+        axes = metadata.get("axes") or []
+        first = (metadata.get("coordinateTransformations") or [None])[0] or []
+        scale = next(t["scale"] for t in first if t.get("type") == "scale")
+        sizes = {}
+        for ax, f in zip(axes, scale, strict=True):
+            if isinstance(ax, dict) and ax.get("name") in ("x", "y"):
+                unit = ax.get("unit")
+                if unit not in UM_PER_UNIT:
+                    return None
+                sizes[ax["name"]] = float(f) * UM_PER_UNIT[unit]
+        return plausible(sizes.get("x"), sizes.get("y")) if "x" in sizes else None
+    except (StopIteration, KeyError, TypeError, ValueError):
+        return None
 
 
 def _check_levels(opened: OpenedImage) -> None:

@@ -119,8 +119,8 @@ class ChunkedOutput:
                 fut = executor.submit(run_chunk, shared, regions[k], boxes[owned[k]],
                                       [regions[t] for t in spills[k]])
                 futures[fut] = (False, k)
-            yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
-            pending = set(futures)
+            yield Progress(f"fine pass: 0/{len(todo)} chunks", 0, len(todo))
+            pending, segmented = set(futures), 0
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 failed = [f for f in finished if f.exception() is not None]
@@ -136,6 +136,7 @@ class ChunkedOutput:
                     if merge:
                         done += self._final(regions[k])
                         continue
+                    segmented += 1
                     for target, part in zip(spills[k], parts, strict=True):
                         if part is not None:
                             inbox[target].append(part)
@@ -151,13 +152,16 @@ class ChunkedOutput:
                             done += self._final(regions[target])
                 if failed:  # after the others that finished are recorded (a journal keeps them)
                     failed[0].result()
-                yield Progress(f"fine pass: {done}/{len(regions)} chunks", done, len(regions))
+                # progress: chunks segmented (a chunk is final a row of chunks later, when its
+                # neighbours below have handed it their parts)
+                yield Progress(f"fine pass: {segmented}/{len(todo)} chunks", segmented, len(todo))
         finally:
             for fut in futures:
                 fut.cancel()
             if self.client is None:
                 executor.shutdown(wait=True, cancel_futures=True)
         counts["refined"] = counts.get("chunk_boxes", 0)
+        assert done == len(regions), (done, len(regions))  # every region written and final
         return FineResult(self.array, None, times, counts)
 
     def _final(self, region: Region) -> int:
