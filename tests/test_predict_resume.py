@@ -42,11 +42,11 @@ def chunk_tasks(monkeypatch, fail_after: int | None = None) -> list[tuple]:
     calls: list[tuple] = []
     task = engine_slide.run_chunk
 
-    def spy(job, region, boxes, targets=None):
+    def spy(job, region, *args):
         if fail_after is not None and len(calls) >= fail_after:
             raise Killed(f"killed after {fail_after} chunks")
         calls.append(tuple(region))
-        return task(job, region, boxes, targets)
+        return task(job, region, *args)
 
     monkeypatch.setattr(engine_slide, "run_chunk", spy)
     return calls

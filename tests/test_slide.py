@@ -287,3 +287,48 @@ def test_the_rough_scale_follows_the_physical_pixel_size(default_model):
     assert engine.plan_for(src).scale == 4.0
     with pytest.raises(ValueError, match="positive"):
         engine.pixel_size = -1
+
+
+def test_the_rough_net_sees_only_the_busy_part_of_a_tile(slide_engine, canvas, monkeypatch):
+    """A field in one corner of a mostly black tile: the rough net runs on the bounding box of the cells
+    that are not flat, and finds the same as on the whole tile."""
+    from napari_segthenseg.engine.localnorm import LocalWindows
+
+    img = np.zeros((2048, 2048), np.uint8)
+    img[200:200 + canvas.shape[0] // 2, 300:300 + canvas.shape[1] // 2] = canvas[::2, ::2]  # one 512 px tile
+    src = ImageSource(img)
+    plan = slide_engine.plan(src.hw)
+    slide_engine.counts = {}
+    busy = run(rough_pass(slide_engine, src, plan))
+    part_px = slide_engine.counts["rough_px"]
+    monkeypatch.setattr(LocalWindows, "busy_part", lambda self, *r, step=1: None if self.flat_region(*r[:4])
+                        else tuple(r[:4]))
+    slide_engine.counts = {}
+    whole = run(rough_pass(slide_engine, src, plan))
+    assert (busy.tiles_run, whole.tiles_run) == (1, 1) and busy.mask.sum() > 100
+    assert part_px < 0.6 * slide_engine.counts["rough_px"]  # the black rest of the tile is not run
+    assert (busy.mask != whole.mask).sum() <= 0.002 * whole.mask.sum()
+
+
+def test_shared_crops_give_the_mask_of_single_crops_within_a_pixel(slide_engine, canvas):
+    """Small neighbouring boxes share crops at zoom 1 (engine/groups.py): fewer crops, and the same
+    objects. The tolerance: the shared crop samples a nucleus at 1 network px per image px instead of
+    about 1.6, so its outline may move by a fraction of a pixel; flipped pixels must stay below a fifth
+    of the outline pixels (measured: 7 %), and the two masks' DSC above 0.99."""
+    from scipy import ndimage
+
+    from napari_segthenseg.engine.groups import group_boxes
+
+    one, shared = np.zeros(canvas.shape, np.uint8), np.zeros(canvas.shape, np.uint8)
+    ref = run(slide_engine.walk(canvas, output=ChunkedOutput(one, 256)))
+    res = run(slide_engine.walk(canvas, output=ChunkedOutput(shared, 256, group_zoom=1.0)))
+    assert np.array_equal(res.boxes, ref.boxes) and res.counts["crops"] < 0.85 * len(ref.boxes)
+    assert res.counts["fine_px"] == res.counts["crops"] * slide_engine.settings.size ** 2
+    a, b = one > 0, shared > 0
+    outline = int((a & ~ndimage.binary_erosion(a)).sum())
+    assert int((a ^ b).sum()) <= outline // 5 and 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.99
+    # every box lies whole inside its window; windows have the asked side (or the box's own)
+    windows, member = group_boxes(ref.boxes, canvas.shape, 64, 1.0)
+    w = windows[member]
+    assert ((ref.boxes[:, :2] >= w[:, :2]) & (ref.boxes[:, 2:] <= w[:, :2] + w[:, 2:])).all()
+    assert set(np.bincount(member).tolist()) - {1} and (w[np.bincount(member)[member] > 1, 2] == 64).all()

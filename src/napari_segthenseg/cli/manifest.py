@@ -2,11 +2,11 @@
 
 ``DIR/segthenseg-predict.json`` records, per output stem, the model file's SHA-256, the options that
 change the output (``--rough-scale``, ``--labels``, ``--format``, ``--geojson``, the boxes file of
-``--boxes`` (its SHA-256), ``--pixel-size``, and ``--chunk`` for OME-Zarr outputs) and the input
-file (path, size, modification time). A rerun skips an image only when its outputs are complete (its
-boxes file exists) **and** this record matches what is asked now; anything else is redone and the
-reason said, as ``make`` would. The file is written atomically after each image, after its boxes
-file, so a killed run never records an image it did not finish.
+``--boxes`` (its SHA-256), ``--pixel-size``, and ``--chunk`` and ``--group-zoom`` for OME-Zarr
+outputs) and the input file (path, size, modification time). A rerun skips an image only when its
+outputs are complete (its boxes file exists) **and** this record matches what is asked now; anything
+else is redone and the reason said, as ``make`` would. The file is written atomically after each
+image, after its boxes file, so a killed run never records an image it did not finish.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Recipe:
     geojson: bool = False  # QuPath detections written too
     boxes_sha256: str | None = None  # boxes given by hand (--boxes): the file's SHA-256
     pixel_size: float | None = None  # --pixel-size (µm), instead of what the files record
+    group_zoom: float | None = None  # slides' shared crops (--group-zoom; None: one crop per box)
 
     def entry(self, path: Path, outputs: list[Path], zarr_out: bool) -> dict[str, object]:
         """The record of one finished image."""
@@ -62,6 +63,7 @@ class Recipe:
                 "rough_scale": self.rough_scale, "labels": self.labels, "format": self.format,
                 "written_as": "ome-zarr" if zarr_out else "tif", "chunk": self.chunk if zarr_out else None,
                 "geojson": self.geojson, "boxes_sha256": self.boxes_sha256, "pixel_size": self.pixel_size,
+                "group_zoom": self.group_zoom if zarr_out else None,
                 "outputs": [p.name for p in outputs]}
 
     def differences(self, entry: dict[str, object], path: Path) -> str | None:
@@ -79,6 +81,8 @@ class Recipe:
             changed.append(f"--format {entry.get('format')!r} -> {self.format!r}")
         if entry.get("chunk") is not None and entry.get("chunk") != self.chunk:
             changed.append(f"--chunk {entry.get('chunk')} -> {self.chunk}")
+        if entry.get("written_as") == "ome-zarr" and entry.get("group_zoom") != self.group_zoom:
+            changed.append(f"--group-zoom {entry.get('group_zoom') or 0:g} -> {self.group_zoom or 0:g}")
         if changed:
             return "made with other options (" + ", ".join(changed) + ")"
         if entry.get("input") != input_stamp(path):

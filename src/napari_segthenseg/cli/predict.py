@@ -52,6 +52,7 @@ from .qupath import geojson_path, read_boxes_file, write_image_geojson, write_sl
 
 FORMATS = ("auto", "tif", "ome-zarr")
 JOURNAL_DIR = "journal"  # in a slide's scratch folder
+DEFAULT_GROUP_ZOOM = 1.0  # slides' shared crops (engine/groups.py; measured in docs/BENCHMARKS.md)
 
 
 class DiskFull(Exception):
@@ -102,14 +103,15 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
                  on_step: Callable[[Progress], None] | None = None,
                  report: Path | None = None, key: dict | None = None,
                  resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
-                 geojson: bool = False) -> tuple[Path, Path]:
+                 geojson: bool = False, group_zoom: float | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
     JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
     pixels). A slide keeps a journal made with ``key`` (what it is made with) so that a killed run
     can go on; ``resume`` is the journal of such a run (:func:`resumable`). ``boxes`` (drawn by hand)
-    skip the rough pass; ``geojson`` also writes the objects as QuPath detections.
+    skip the rough pass; ``geojson`` also writes the objects as QuPath detections; on slides, small
+    neighbouring boxes share crops at ``group_zoom`` (None: one crop per box).
     """
     t0 = time.perf_counter()
     with open_image(path) as opened:
@@ -134,7 +136,7 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
                 write_image_geojson(ids, gj_path, pixel_size)
         else:
             res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step,
-                                 key, resume, boxes, gj_path)
+                                 key, resume, boxes, gj_path, group_zoom)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
         plan = engine.plan_for(src)
@@ -164,7 +166,7 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
                    chunk: int, client: object | None, threads: int,
                    on_step: Callable[[Progress], None] | None, key: dict | None = None,
                    resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
-                   geojson: Path | None = None):
+                   geojson: Path | None = None, group_zoom: float | None = None):
     """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place.
 
     With a ``key`` the run keeps a journal in its scratch folder; killed during the fine pass, the
@@ -181,7 +183,7 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
             image = omezarr.open_label_image(partial, mode="r+")
             remaining = resume.remaining()
             output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
-                                   overwrite=True, regions=remaining, journal=resume)
+                                   overwrite=True, regions=remaining, journal=resume, group_zoom=group_zoom)
             res = drive(engine.walk(src, resume.boxes, stats=resume.stats, output=output), on_step)
             res.counts["chunks_resumed"] = len(resume.done) - len(remaining)
         else:
@@ -190,7 +192,7 @@ def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path,
                                    name=stem_of(path))
             scratch.mkdir(parents=True, exist_ok=True)
             output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
-                                   journal=journal)
+                                   journal=journal, group_zoom=group_zoom)
             res = drive(engine.walk(src, boxes, output=output), on_step)
         if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
             n = drive(relabel_chunked(image.levels[0], chunk), on_step)
@@ -339,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="µm per pixel of the inputs, instead of what their files record (OME, Aperio MPP, "
                         "NDPI/TIFF resolution, OME-Zarr scale); with the model's, it sets a slide's rough "
                         "scale (docs/WHOLE_SLIDES.md)")
+    p.add_argument("--group-zoom", type=float, default=DEFAULT_GROUP_ZOOM, metavar="Z",
+                   help="slides (OME-Zarr outputs): small neighbouring boxes share S x S crops at Z network "
+                        "px per image px (docs/WHOLE_SLIDES.md); 0: one crop per box, as in the paper "
+                        "(default: %(default)s; ordinary images always get one crop per box)")
     p.add_argument("--labels", action="store_true",
                    help="write instance labels (one id per object, uint16/uint32) instead of a 0/1 mask")
     p.add_argument("--format", choices=FORMATS, default="auto",
@@ -407,6 +413,8 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         engine.pixel_size = args.pixel_size
     except ValueError as exc:
         raise CliError(f"--pixel-size: {exc}") from exc
+    if not (args.group_zoom >= 0 and np.isfinite(args.group_zoom)):
+        raise CliError("--group-zoom must be 0 (off) or a positive zoom")
     given = given_boxes(args, files)
     if engine.model.rough is None and given is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
@@ -414,7 +422,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
     name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else str(model_file)
     recipe = Recipe(args.model, file_sha256(model_file), args.rough_scale, args.labels, args.format,
                     args.chunk, args.geojson, file_sha256(args.boxes) if given is not None else None,
-                    args.pixel_size)
+                    args.pixel_size, args.group_zoom or None)
     print(f"model: {name} ({engine.model.describe()}; SHA-256 {recipe.model_sha256[:12]}…) on "
           f"{engine.device}", file=sys.stderr)
     try:
@@ -443,7 +451,8 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                 seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
                                           args.threads, on_step=progress.on_step, report=args.report,
                                           key=journal_key(recipe, f, seg_path), resume=resume.get(f),
-                                          boxes=given, geojson=args.geojson)
+                                          boxes=given, geojson=args.geojson,
+                                          group_zoom=args.group_zoom or None)
                 made = [seg, boxes] + ([geojson_path(args.out, stem_of(f))] if args.geojson else [])
                 manifest.record(stem_of(f), recipe.entry(f, made, seg.name.endswith(".ome.zarr")))
                 written += 1

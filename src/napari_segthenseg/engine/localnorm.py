@@ -108,6 +108,23 @@ class LocalWindows:
         c = self.cell
         return bool(self.flat[ry0 // c:math.ceil(ry1 / c), rx0 // c:math.ceil(rx1 / c)].all())
 
+    def busy_part(self, ry0: int, rx0: int, ry1: int, rx1: int, step: int = 1
+                  ) -> tuple[int, int, int, int] | None:
+        """The part of a rough-pixel region that its non-flat cells cover (their bounding box, its
+        corners on multiples of ``step`` and inside the region), or None when every cell is flat:
+        the rough net need not see flat background, which holds nothing to find."""
+        c = self.cell
+        cy0, cx0 = ry0 // c, rx0 // c
+        busy = ~self.flat[cy0:math.ceil(ry1 / c), cx0:math.ceil(rx1 / c)]
+        if not busy.any():
+            return None
+        rows, cols = np.flatnonzero(busy.any(1)), np.flatnonzero(busy.any(0))
+        y0 = max(ry0, (cy0 + int(rows[0])) * c // step * step)
+        x0 = max(rx0, (cx0 + int(cols[0])) * c // step * step)
+        y1 = min(ry1, -(-(cy0 + int(rows[-1]) + 1) * c // step) * step)
+        x1 = min(rx1, -(-(cx0 + int(cols[-1]) + 1) * c // step) * step)
+        return y0, x0, y1, x1
+
 
 # The intensity windows a pass uses: one per image (the paper), or local ones (slides).
 Windows = NormStats | LocalWindows

@@ -1,12 +1,14 @@
 """The rough pass (the paper's step 1) and the boxes it gives (step 2), at any image size.
 
-An image the rough net's training covers is squashed to S x S, as in the paper. A larger or
-more elongated one is seen at the trained scale instead (docs/WHOLE_SLIDES.md): the image is
-read at ``scale`` image px per rough px from the nearest pyramid level, in tiles with a margin
-of context on each side (the net is fully convolutional, so overlapping tiles whose margins
-are dropped leave no seams), flat tiles skipped, and the tiles' masks stitched into one rough
-mask. Components are found on that stitched mask, so an object is one box whatever tile it
-falls in: with SciPy when the rough mask fits in memory, with dask-image when it does not.
+An image the rough net's training covers is squashed to S x S, as in the paper. A larger or more
+elongated one is seen at the trained scale instead (docs/WHOLE_SLIDES.md): the image is read at
+``scale`` image px per rough px from the nearest pyramid level, in tiles with a margin of context
+on each side (the net is fully convolutional, so overlapping tiles whose margins are dropped leave
+no seams), batched on accelerators, each tile cut to the bounding box of its cells that are not
+flat background (whole flat tiles skipped), and the tiles' masks stitched into one rough mask. The
+image is read from the coarsest pyramid level finer than the scale. Components are found on that
+stitched mask, so an object is one box whatever tile it falls in: with SciPy when the rough mask
+fits in memory, with dask-image when it does not.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from .boxes import CONNECTIVITY, component_boxes, finalize_boxes, scale_boxes
 from .core import Core
-from .grid import tiles
+from .grid import Region, tiles
 from .image import ImageSource, compute_stats, match_channels
 from .limits import IN_MEMORY_MASK_PX
 from .localnorm import LocalWindows, Windows, survey
@@ -28,6 +30,9 @@ from .progress import Progress, Steps
 from .scale import RoughPlan
 
 TILE = 512  # rough px of output per tile side
+# Tiles of one shape per forward on accelerators (the core's memory budget still splits a batch); on a
+# CPU batching gains nothing and would hold several tiles' activations at once.
+ROUGH_BATCH = 8
 MARGIN = 64  # rough px of context dropped on each side: tiles then match one pass (docs/WHOLE_SLIDES.md)
 
 
@@ -78,12 +83,16 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
     grid = tiles(rough_hw, TILE)
     run = skipped = 0
     step = 2 ** core.rough_net.depth
-    for i, (y0, x0, y1, x1) in enumerate(grid):
+    batch: list[tuple[torch.Tensor, Region]] = []
+    per_batch = 1 if core.device.type == "cpu" else ROUGH_BATCH
+    for i, tile in enumerate(grid):
         yield Progress(f"rough pass: tile {i + 1}/{len(grid)}", i, len(grid))
-        if isinstance(stats, LocalWindows) and stats.flat_region(y0, x0, y1, x1):
+        part = tile if not isinstance(stats, LocalWindows) else stats.busy_part(*tile, step)
+        if part is None:  # only flat cells: nothing to find
             skipped += 1
             continue
-        # Input: the tile plus a margin, rounded up to what the U-Net's poolings divide.
+        y0, x0, y1, x1 = part
+        # Input: the part plus a margin, rounded up to what the U-Net's poolings divide.
         ih = math.ceil((y1 - y0 + 2 * MARGIN) / step) * step
         iw = math.ceil((x1 - x0 + 2 * MARGIN) / step) * step
         ry0, rx0 = y0 - MARGIN, x0 - MARGIN
@@ -91,17 +100,33 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
             f = plan.scale
             t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), core.device)
             t = stats.apply_to_region(t, ry0, rx0) if isinstance(stats, LocalWindows) else stats.apply(t)
-            x = match_channels(t, s.in_channels)[None]
-        with core.timed("rough_net"):
-            p = core.forward(core.rough_net, x)[0, MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
-            p = p.cpu().numpy()
-        mask_out[y0:y1, x0:x1] = p >= s.threshold
-        if prob_out is not None:
-            prob_out[y0:y1, x0:x1] = p
+            x = match_channels(t, s.in_channels)
+        if batch and batch[0][0].shape != x.shape:
+            _rough_batch(core, batch, mask_out, prob_out)
+        batch.append((x, part))
         run += 1
-        release_free_memory()  # else the heap keeps every tile's peak (see .memory)
+        if len(batch) >= per_batch:
+            _rough_batch(core, batch, mask_out, prob_out)
+    _rough_batch(core, batch, mask_out, prob_out)
     yield Progress("rough pass", len(grid), len(grid))
     return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
+
+
+def _rough_batch(core: Core, batch: list[tuple[torch.Tensor, Region]], mask_out: object,
+                 prob_out: np.ndarray | None) -> None:
+    """Run the rough net on tiles of one input shape at once and store their parts (the batch is
+    emptied). Each tile's margins are dropped."""
+    if not batch:
+        return
+    with core.timed("rough_net"):
+        probs = core.forward(core.rough_net, torch.stack([x for x, _ in batch])).cpu().numpy()
+    for p, (y0, x0, y1, x1) in zip(probs, (r for _, r in batch), strict=True):
+        p = p[MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
+        mask_out[y0:y1, x0:x1] = p >= core.settings.threshold
+        if prob_out is not None:
+            prob_out[y0:y1, x0:x1] = p
+    batch.clear()
+    release_free_memory()  # else the heap keeps every batch's peak (see .memory)
 
 
 def rough_boxes(rough: RoughResult, hw: tuple[int, int], pad: int, min_box: int) -> np.ndarray:

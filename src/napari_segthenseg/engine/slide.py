@@ -27,6 +27,7 @@ import numpy as np
 from .core import Core
 from .fine import FineResult
 from .grid import CHUNK, Region, box_owners, boxes_by_chunk, tiles
+from .groups import group_boxes
 from .image import ImageSource
 from .journal import SlideJournal
 from .limits import IN_MEMORY_MASK_PX
@@ -53,7 +54,8 @@ class ChunkedOutput:
     ``regions`` limits the work to those parts of the chunks (re-segmenting after edits; by
     default every chunk that boxes touch) and ``overwrite`` writes chunks that come out empty.
     A ``journal`` records the boxes, the windows and each chunk once it is final, so that a killed
-    run can go on (:mod:`.journal`).
+    run can go on (:mod:`.journal`). ``group_zoom`` lets small neighbouring boxes share crops
+    (:mod:`.groups`; dense tissue).
     """
 
     array: object
@@ -65,6 +67,7 @@ class ChunkedOutput:
     overwrite: bool = False
     regions: list[Region] | None = None
     journal: SlideJournal | None = None
+    group_zoom: float | None = None  # small neighbouring boxes share crops at this zoom (.groups)
     in_memory = False  # the mask stays on disk (no baseline at full resolution)
 
     def rough_store(self, rough_hw: tuple[int, int]) -> object:
@@ -84,7 +87,11 @@ class ChunkedOutput:
         if regions is None:
             index = boxes_by_chunk(boxes, hw, chunk)
             regions = [r for r in tiles(hw, chunk) if (r[0] // chunk, r[1] // chunk) in index]
-        owned, spills = box_owners(boxes, regions, chunk)
+        windows = groups = None
+        if self.group_zoom is not None and len(boxes):
+            crops, groups = group_boxes(boxes, hw, core.settings.size, self.group_zoom)
+            windows = crops[groups]  # each box's crop window (its group's), computed once for all
+        owned, spills = box_owners(boxes, regions, chunk, groups)
         if self.journal is not None:
             self.journal.started(boxes, stats, hw, chunk)
         # A region is final when its own task and every task spilling into it are done, and then
@@ -116,8 +123,10 @@ class ChunkedOutput:
                 done += self._final(regions[k])
         try:
             for k in todo:
-                fut = executor.submit(run_chunk, shared, regions[k], boxes[owned[k]],
-                                      [regions[t] for t in spills[k]])
+                args = [shared, regions[k], boxes[owned[k]], [regions[t] for t in spills[k]]]
+                if windows is not None:
+                    args.append(windows[owned[k]])
+                fut = executor.submit(run_chunk, *args)
                 futures[fut] = (False, k)
             yield Progress(f"fine pass: 0/{len(todo)} chunks", 0, len(todo))
             pending, segmented = set(futures), 0
@@ -171,15 +180,24 @@ class ChunkedOutput:
 
 
 def segment_chunk(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows,
-                  region: Region) -> tuple[np.ndarray, np.ndarray]:
-    """The fused mask of one output ``region`` from ``boxes`` (bool), and their fine results."""
+                  region: Region, windows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused mask of one output ``region`` from ``boxes`` (bool), and their fine results.
+    ``windows``: each box's crop window when crops are shared (:mod:`.groups`); each distinct
+    window is one crop."""
     boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     ry0, rx0, ry1, rx1 = region
+    s = core.settings.size
     if len(boxes) == 0:
-        s = core.settings.size
         return np.zeros((ry1 - ry0, rx1 - rx0), dtype=bool), np.zeros((0, s, s), np.float32)
-    probs = core.refine_local(src, boxes, stats)
-    return core.fuse(probs, boxes, src.hw, region=region), probs
+    if windows is None:
+        core.counts["crops"] = core.counts.get("crops", 0) + len(boxes)
+        probs = core.refine_local(src, boxes, stats)
+    else:
+        crops, member = np.unique(windows, axis=0, return_inverse=True)
+        squares = np.round(np.concatenate([crops[:, :2], crops[:, :2] + crops[:, 2:]], 1)).astype(np.int64)
+        core.counts["crops"] = core.counts.get("crops", 0) + len(crops)
+        probs = core.refine_local(src, squares, stats, crops)[member.reshape(-1)]
+    return core.fuse(probs, boxes, src.hw, region=region, windows=windows), probs
 
 
 @dataclass
@@ -230,16 +248,18 @@ def _overlapping(boxes: np.ndarray, region: Region) -> np.ndarray:
     return (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
 
 
-def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Region] | None = None
-              ) -> TaskResult:
-    """Task: refine the ``boxes`` this region owns, write the region, and return the parts of their
-    results that fall in the ``targets`` (other regions; None where nothing is foreground there)."""
+def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Region] | None = None,
+              windows: np.ndarray | None = None) -> TaskResult:
+    """Task: refine the ``boxes`` this region owns (in their shared crop ``windows``, if any), write
+    the region, and return the parts of their results that fall in the ``targets`` (other regions;
+    None where nothing is foreground there)."""
     core = _core_for(job)
     core.timings, core.counts = {}, {}
     mask = probs = None
     try:
         src = _source_for(job)
-        mask, probs = segment_chunk(core, src, boxes, job.stats, region)
+        mask, probs = (segment_chunk(core, src, boxes, job.stats, region) if windows is None
+                       else segment_chunk(core, src, boxes, job.stats, region, windows))
         y0, x0, y1, x1 = region
         with core.timed("write"):
             if job.overwrite or mask.any():  # all-background chunks stay unwritten (the fill value)
@@ -251,7 +271,8 @@ def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Re
             b = boxes[sel]
             area = (max(t[0], int(b[:, 0].min())), max(t[1], int(b[:, 1].min())),
                     min(t[2], int(b[:, 2].max())), min(t[3], int(b[:, 3].max())))
-            patch = core.fuse(probs[sel], b, src.hw, region=area)
+            patch = core.fuse(probs[sel], b, src.hw, region=area,
+                              windows=None if windows is None else windows[sel])
             parts.append((area, np.packbits(patch)) if patch.any() else None)
         return dict(core.timings), {**core.counts, "chunk_boxes": len(boxes)}, parts
     finally:
