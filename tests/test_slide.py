@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,13 @@ from napari_segthenseg.engine import Engine, ImageSource, omezarr
 from napari_segthenseg.engine.localnorm import LocalWindows
 from napari_segthenseg.engine.progress import drive as run
 from napari_segthenseg.engine.reader import open_image
-from napari_segthenseg.engine.rough import RoughResult, lazy_component_boxes, rough_boxes, rough_pass
+from napari_segthenseg.engine.rough import (
+    RoughResult,
+    lazy_component_boxes,
+    rough_boxes,
+    rough_pass,
+    windows_for,
+)
 from napari_segthenseg.engine.scale import RoughPlan, TrainedScale, plan_rough
 from napari_segthenseg.engine.slide import ChunkedOutput, boxes_by_chunk
 
@@ -332,3 +339,40 @@ def test_shared_crops_give_the_mask_of_single_crops_within_a_pixel(slide_engine,
     w = windows[member]
     assert ((ref.boxes[:, :2] >= w[:, :2]) & (ref.boxes[:, 2:] <= w[:, :2] + w[:, 2:])).all()
     assert set(np.bincount(member).tolist()) - {1} and (w[np.bincount(member)[member] > 1, 2] == 64).all()
+
+
+def test_bright_field_glass_is_left_out(slide_engine, canvas):
+    """Bright-field fields (the bundled H&E-like ones) on light glass: the windows see a bright
+    background and its glass level, nothing is found on the glass or along the tissue edges, and the
+    fields score close to themselves segmented alone. A fluorescence canvas has neither."""
+    from napari_segthenseg.engine.reader import read_image
+
+    bundled = Path(__file__).parent / "data" / "dsb2018"
+    stems = ["00ae65c1", "01d44a26"]
+    slide = np.full((1024, 1400, 3), 238, np.uint8)  # glass
+    gt = np.zeros(slide.shape[:2], bool)
+    alone = {"tp": 0, "sum": 0}
+    for k, stem in enumerate(stems):
+        name = next((bundled / "images").glob(f"{stem}*.png")).stem
+        field = read_image(bundled / "images" / f"{name}.png")[..., :3]
+        y, x = 300, 200 + 600 * k
+        slide[y:y + 256, x:x + 320] = field
+        gt[y:y + 256, x:x + 320] = read_image(bundled / "masks" / f"{name}.png") > 0
+        own = slide_engine.segment(field).mask
+        g = gt[y:y + 256, x:x + 320]
+        alone["tp"] += int((own & g).sum())
+        alone["sum"] += int(own.sum() + g.sum())
+    res = slide_engine.segment(slide)
+    stats = res.stats
+    assert isinstance(stats, LocalWindows) and stats.bright and stats.glass is not None
+    assert 225 < stats.glass < 238
+    fields = np.zeros(gt.shape, bool)
+    fields[300:556, 200:520] = fields[300:556, 800:1120] = True
+    assert res.mask[~fields].sum() < 0.01 * res.mask.sum()  # nothing on the glass
+    sides = np.maximum(res.boxes[:, 2] - res.boxes[:, 0], res.boxes[:, 3] - res.boxes[:, 1])
+    assert sides.max() < 256  # no box chained along a tissue edge
+    dsc_slide = 2 * (res.mask & gt).sum() / (res.mask.sum() + gt.sum())
+    dsc_alone = 2 * alone["tp"] / alone["sum"]
+    assert dsc_slide > dsc_alone - 0.08, (dsc_slide, dsc_alone)
+    fluo = run(windows_for(slide_engine, ImageSource(canvas), slide_engine.plan(canvas.shape)))
+    assert not fluo.bright and fluo.glass is None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .boxes import CONNECTIVITY, component_boxes, finalize_boxes, scale_boxes
 from .core import Core
@@ -33,6 +34,7 @@ TILE = 512  # rough px of output per tile side
 # Tiles of one shape per forward on accelerators (the core's memory budget still splits a batch); on a
 # CPU batching gains nothing and would hold several tiles' activations at once.
 ROUGH_BATCH = 8
+GLASS_RING = 2  # rough px next to bright-field glass where the rough mask is cleared (see glass_ring)
 MARGIN = 64  # rough px of context dropped on each side: tiles then match one pass (docs/WHOLE_SLIDES.md)
 
 
@@ -83,7 +85,7 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
     grid = tiles(rough_hw, TILE)
     run = skipped = 0
     step = 2 ** core.rough_net.depth
-    batch: list[tuple[torch.Tensor, Region]] = []
+    batch: list[tuple[torch.Tensor, Region, np.ndarray | None]] = []
     per_batch = 1 if core.device.type == "cpu" else ROUGH_BATCH
     for i, tile in enumerate(grid):
         yield Progress(f"rough pass: tile {i + 1}/{len(grid)}", i, len(grid))
@@ -99,11 +101,12 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
         with core.timed("rough_read"):
             f = plan.scale
             t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), core.device)
+            near_glass = glass_ring(t, stats.glass) if isinstance(stats, LocalWindows) else None
             t = stats.apply_to_region(t, ry0, rx0) if isinstance(stats, LocalWindows) else stats.apply(t)
             x = match_channels(t, s.in_channels)
         if batch and batch[0][0].shape != x.shape:
             _rough_batch(core, batch, mask_out, prob_out)
-        batch.append((x, part))
+        batch.append((x, part, near_glass))
         run += 1
         if len(batch) >= per_batch:
             _rough_batch(core, batch, mask_out, prob_out)
@@ -112,16 +115,30 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
     return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
 
 
-def _rough_batch(core: Core, batch: list[tuple[torch.Tensor, Region]], mask_out: object,
+def glass_ring(t: torch.Tensor, glass: float | None) -> np.ndarray | None:
+    """Where a rough-scale block (C, h, w) is bright-field glass or within ``GLASS_RING`` px of it
+    (None without glass). The rough net answers a straight tissue edge against glass with a thin
+    line of "objects" along it (no training image held glass); dropped there, that line can no
+    longer chain the fields along a tissue edge into one huge box (docs/WHOLE_SLIDES.md)."""
+    if glass is None:
+        return None
+    near = (t.amin(0) >= glass).float()[None, None]
+    k = 2 * GLASS_RING + 1
+    return F.max_pool2d(near, k, stride=1, padding=GLASS_RING)[0, 0].bool().cpu().numpy()
+
+
+def _rough_batch(core: Core, batch: list[tuple[torch.Tensor, Region, np.ndarray | None]], mask_out: object,
                  prob_out: np.ndarray | None) -> None:
     """Run the rough net on tiles of one input shape at once and store their parts (the batch is
-    emptied). Each tile's margins are dropped."""
+    emptied). Each tile's margins are dropped, and objects near glass (:func:`glass_ring`)."""
     if not batch:
         return
     with core.timed("rough_net"):
-        probs = core.forward(core.rough_net, torch.stack([x for x, _ in batch])).cpu().numpy()
-    for p, (y0, x0, y1, x1) in zip(probs, (r for _, r in batch), strict=True):
+        probs = core.forward(core.rough_net, torch.stack([x for x, _, _ in batch])).cpu().numpy()
+    for p, (_, (y0, x0, y1, x1), near) in zip(probs, batch, strict=True):
         p = p[MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
+        if near is not None:
+            p = np.where(near[MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0], 0.0, p)
         mask_out[y0:y1, x0:x1] = p >= core.settings.threshold
         if prob_out is not None:
             prob_out[y0:y1, x0:x1] = p
