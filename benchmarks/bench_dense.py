@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--zooms", type=float, nargs="*", default=[1.0], help="shared-crop zooms to try")
     p.add_argument("--overlaps", type=float, nargs="*", default=[0.0, 0.5], help="sliding-window overlaps")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads, and chunk threads for StS (0: torch's default and 2 chunk threads)")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import tifffile
     import zarr
 
@@ -106,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         "boxes": len(boxes), "foreground": float(gt.mean()),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "load_before": os.getloadavg()[0], "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "threads": args.threads, "load_before": os.getloadavg()[0],
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "runs": []}
     pixels = src.height * src.width
     for zoom in [None, *args.zooms]:
         out = np.zeros(src.hw, dtype=np.uint8)
         t0 = time.perf_counter()
         res = drive(engine.walk(src, boxes, stats=rough.stats,
-                                output=ChunkedOutput(out, threads=2, group_zoom=zoom)))
+                                output=ChunkedOutput(out, threads=args.threads or 2, group_zoom=zoom)))
         wall = time.perf_counter() - t0
         fine_px = int(res.counts.get("fine_px", 0))
         result["runs"].append({"method": "StS" if zoom is None else f"StS, shared crops at zoom {zoom:g}",

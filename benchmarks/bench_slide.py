@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-threads", type=int, default=2, help="segthenseg-predict --threads")
     p.add_argument("--workers", type=int, default=None, help="segthenseg-predict --workers (dask cluster)")
     p.add_argument("--skip-fields", action="store_true", help="only the slide (e.g. for the largest one)")
+    p.add_argument("--predict-args", default="", metavar="ARGS",
+                   help="more segthenseg-predict options for the slide, e.g. '--group-zoom 0'")
     p.add_argument("--no-heap-fix", action="store_true",
                    help="keep the free heap after chunks (SEGTHENSEG_HEAP_FIX=0): compare peak RSS")
     p.add_argument("--json", type=Path, required=True, help="write the results here")
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                "--report", str(report), "--threads", str(args.chunk_threads)]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
+        cmd += args.predict_args.split()
+        result["load_before"] = os.getloadavg()
         slide = run_child(cmd, env)
         rep = json.loads(report.read_text().splitlines()[-1])
         h, w = rep["hw"]
@@ -201,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             result["fields"] = fields
             result["slide_vs_fields"] = {"dsc_difference": slide["dsc"] - fields["dsc"],
                                          "time_ratio": slide["wall_s"] / fields["wall_s"]}
+    result["load_after"] = os.getloadavg()
     net_px = slide["counts"].get("rough_px", 0) + slide["counts"].get("fine_px", 0)
     tiles = math.ceil(h / size) * math.ceil(w / size)
     half = (math.ceil((h - size) / (size / 2)) + 1) * (math.ceil((w - size) / (size / 2)) + 1)

@@ -491,3 +491,31 @@ def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napar
     np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
     assert len(boxes2.data) == len(widget.current_boxes())  # the whole slide is in view here
     np.testing.assert_array_equal(_level0(widget2), _level0(widget))
+
+
+def test_the_panel_shows_the_pixel_size_and_lets_the_user_override_it(make_napari_viewer, tmp_path,
+                                                                         default_model):
+    """A 0.25 µm/px slide (OME metadata) and a model trained at 0.5 µm/px: tiles at twice the trained
+    scale; the panel's pixel size overrides the file's, and the job's engine gets it."""
+    import dataclasses
+
+    from napari_segthenseg.engine import save_model
+    from napari_segthenseg.engine.modelfile import StSModel
+
+    path = tmp_path / "fine.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        opts = {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}
+        meta = {"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+        tw.write(np.zeros((4096, 4096), np.uint8), subifds=1, metadata=meta, **opts)
+        tw.write(np.zeros((2048, 2048), np.uint8), subfiletype=1, **opts)
+    model = StSModel(dataclasses.replace(default_model.settings, pixel_size=0.5), default_model.rough,
+                     default_model.fine)
+    model_path = save_model(model, tmp_path / "at_half_um.pt")
+    viewer, layer, widget = _open(make_napari_viewer, path, rough=None)
+    assert widget.load_model_file(model_path)
+    assert widget.pixel_size_value == 0.25
+    assert "tiles at 8 px per rough px" in widget.scale_info.value
+    assert "0.25 µm/px (trained at 0.5 µm/px: 2 µm per rough px)" in widget.scale_info.value
+    widget.pixel_size.value = 0.5  # the user knows better than the file
+    assert "tiles at 4 px per rough px" in widget.scale_info.value
+    assert widget._engine_factory(model)().pixel_size == 0.5

@@ -50,6 +50,7 @@ from ..engine.reader import TIFF_EXTENSIONS, open_image, stem_of
 from .layers import (
     BOX_COLOUR,
     BOXES_FILE_KEY,
+    PIXEL_SIZE_KEY,
     STORE_KEY,
     VIEWPORT_KEY,
     Plane,
@@ -163,7 +164,8 @@ def _read_slide(path: str) -> list[tuple]:
     opened = open_image(path)  # ImageFileError (a stack, 2 channels, ...) says what is wrong
     levels = list(opened.levels)
     meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == 3,
-                  "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe()}}
+                  "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe(),
+                               PIXEL_SIZE_KEY: opened.pixel_size}}
     if len(levels) == 1:  # one huge level: strided views so that zooming out never reads it all
         base, f = levels[0], 2
         while max(int(s) for s in base.shape[:2]) // f > VIRTUAL_LEVEL_MAX_SIDE // 2:
