@@ -226,8 +226,16 @@ def test_a_two_worker_dask_cluster_gives_the_same_result(tmp_path, canvas):
         res = run(engine.walk(src, output=ChunkedOutput(cluster_out.levels[0], 256, tmp_path,
                                                         client=client, source_path=str(path))))
         workers = len(client.scheduler_info()["workers"])
+        shared = np.zeros(canvas.shape, np.uint8)  # shared crops too: the cluster writes zarr, here NumPy
+        shared_out = omezarr.create(tmp_path / "shared.ome.zarr", canvas.shape, chunk=256)
+        run(engine.walk(src, res.boxes, stats=res.stats,
+                        output=ChunkedOutput(shared_out.levels[0], 256, client=client, source_path=str(path),
+                                             group_zoom=1.0)))
     assert workers == 2 and res.counts["chunks"] > 1
     assert np.array_equal(np.asarray(local.levels[0][:]), np.asarray(cluster_out.levels[0][:]))
+    assert res.counts["refined"] == len(res.boxes)  # each box once on the cluster too
+    run(engine.walk(src, res.boxes, stats=res.stats, output=ChunkedOutput(shared, 256, group_zoom=1.0)))
+    assert np.array_equal(shared, np.asarray(shared_out.levels[0][:]))
 
 
 def test_chunk_tasks_never_reuse_a_core_built_for_another_job():
