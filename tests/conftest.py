@@ -104,6 +104,20 @@ def make_tiny_model(size: int = 32, channels: int = 3, rough: bool = True, fine:
                     net() if rough else None, net() if fine else None)
 
 
+class ThresholdNet(UNet):
+    """A "network" that marks pixels brighter than mid-grey (after normalisation): predictable
+    rough masks and fine results for synthetic data, so box rules can be checked end to end."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 40.0 * (x.mean(dim=1, keepdim=True) - 0.5)
+
+
+def make_threshold_model(size: int = 32, channels: int = 1) -> StSModel:
+    """Both stages :class:`ThresholdNet` (not saved to a file: a loaded copy is a plain U-Net)."""
+    net = lambda: ThresholdNet(channels, width=4, depth=2).eval()  # noqa: E731
+    return StSModel(ModelSettings(size=size, in_channels=channels), net(), net())
+
+
 @pytest.fixture
 def tiny_model() -> StSModel:
     return make_tiny_model()
@@ -119,3 +133,18 @@ def flip_middle(path, n: int = 8) -> None:
     mid = rec.header_offset + 30 + name_len + extra_len + rec.compress_size // 2
     raw[mid:mid + n] = bytes(b ^ 0xFF for b in raw[mid:mid + n])
     path.write_bytes(bytes(raw))
+
+
+def record_calls(monkeypatch) -> list[Path]:
+    """The files segthenseg-predict's predict_file is called for (it still runs)."""
+    from napari_segthenseg.cli import predict as predict_mod
+
+    calls: list[Path] = []
+    real = predict_mod.predict_file
+
+    def spy(engine, f, *args, **kwargs):
+        calls.append(f)
+        return real(engine, f, *args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "predict_file", spy)
+    return calls

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "napari_segthenseg" / "engine"
-ORCHESTRATION = {"rough", "fine", "slide", "pipeline"}
+ORCHESTRATION = {"rough", "fine", "slide", "pipeline", "volume", "volume_out", "volume_chunks"}
 PACKAGE = "napari_segthenseg.engine."
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, record_calls
 from napari_segthenseg.cli import predict as predict_mod
 from napari_segthenseg.cli.predict import main
 from napari_segthenseg.engine import Engine, save_model
@@ -103,19 +103,6 @@ def test_bad_inputs_and_models(inputs, model_file, tmp_path, capsys):
     assert not out.exists()
 
 
-def record_calls(monkeypatch) -> list[Path]:
-    """The files predict_file is called for."""
-    calls: list[Path] = []
-    real = predict_mod.predict_file
-
-    def spy(engine, f, *args, **kwargs):
-        calls.append(f)
-        return real(engine, f, *args, **kwargs)
-
-    monkeypatch.setattr(predict_mod, "predict_file", spy)
-    return calls
-
-
 def test_a_rerun_finishes_the_job_and_cleans_up(inputs, model_file, tmp_path, capsys, monkeypatch):
     folder, gray = inputs
     out = tmp_path / "out"
@@ -202,10 +189,11 @@ def test_bad_slides_are_named_and_leave_nothing(model_file, tmp_path, capsys):
     with tifffile.TiffWriter(bad, bigtiff=True, ome=True) as tw:
         tw.write(base, subifds=1, tile=(128, 128), metadata={"axes": "YX"}, photometric="minisblack")
         tw.write(base[::2, ::3], subfiletype=1, tile=(128, 128), photometric="minisblack")
-    zstack = tmp_path / "zstack.ome.tif"
-    tifffile.imwrite(zstack, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), metadata={"axes": "ZYX"})
+    # A z-stack is a volume now (tests/test_predict_volume.py); a time series is still refused.
+    tstack = tmp_path / "tstack.ome.tif"
+    tifffile.imwrite(tstack, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), metadata={"axes": "TYX"})
     out = tmp_path / "o"
-    assert main(["--model", str(model_file), str(bad), str(zstack), "--out", str(out)]) == 1
+    assert main(["--model", str(model_file), str(bad), str(tstack), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "levels.ome.tif: pyramid levels disagree" in err and "zstack.ome.tif: a stack (Z=3" in err
+    assert "levels.ome.tif: pyramid levels disagree" in err and "tstack.ome.tif: a time series (T=3" in err
     assert list(out.iterdir()) == []

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, record_calls
 from napari_segthenseg.cli import common as common_mod
 from napari_segthenseg.cli import predict as predict_mod
 from napari_segthenseg.cli.manifest import MANIFEST_NAME
@@ -42,18 +42,6 @@ def folder(dsb_dir: Path, tmp_path: Path) -> Path:
     for i in ids:
         shutil.copy(dsb_dir / "images" / f"{i}.png", d / f"{i}.png")
     return d
-
-
-def record_calls(monkeypatch) -> list[Path]:
-    calls: list[Path] = []
-    real = predict_mod.predict_file
-
-    def spy(engine, f, *args, **kwargs):
-        calls.append(f)
-        return real(engine, f, *args, **kwargs)
-
-    monkeypatch.setattr(predict_mod, "predict_file", spy)
-    return calls
 
 
 def test_a_run_folder_is_its_model_pt(models, folder, tmp_path, capsys):

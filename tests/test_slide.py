@@ -241,16 +241,16 @@ def test_a_two_worker_dask_cluster_gives_the_same_result(tmp_path, canvas):
 def test_chunk_tasks_never_reuse_a_core_built_for_another_job():
     """Cores are cached per thread and job; CPython reuses ``id()`` of freed objects, so a job made
     after another is gone (another model) must still get its own core."""
-    from napari_segthenseg.engine.slide import ChunkJob, _core_for
+    from napari_segthenseg.engine.slide import ChunkJob, core_for
 
     first, second = make_tiny_model(size=32), make_tiny_model(size=32, seed=1)
     src = ImageSource(np.zeros((64, 64), np.uint8))
     job = ChunkJob(first, "cpu", src, None, None)
-    assert _core_for(job).model is first
+    assert core_for(job).model is first
     old_id = id(job)
     del job
     other = ChunkJob(second, "cpu", src, None, None)  # usually takes the freed job's memory, and id
-    assert _core_for(other).model is second, f"reused id: {id(other) == old_id}"
+    assert core_for(other).model is second, f"reused id: {id(other) == old_id}"
 
 
 def test_intensity_windows_are_kept_as_plain_arrays(slide_engine):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from napari_segthenseg.engine import Engine, ImageSource, StSModel, compute_stats, save_model
-from napari_segthenseg.plugin.widget import BY_HAND, SegThenSegWidget
+from napari_segthenseg.plugin.widget import BY_HAND, THIS_SLICE, SegThenSegWidget
 
 S = 64
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
@@ -251,6 +251,9 @@ def test_3d_stack_acts_on_the_current_slice(make_napari_viewer, qtbot, dsb_image
     img, _ = dsb_image
     stack = np.stack([img // 4, img, img[::-1]])
     viewer, layer, widget, _ = _open(make_napari_viewer, stack, model_file, rgb=True, scale=(3.0, 1.0, 1.0))
+    # A 3D image is segmented whole by default (tests/test_widget_volume.py); this checks the option
+    # that keeps the plane on screen.
+    widget.volume.value = THIS_SLICE
     viewer.dims.set_current_step(0, 1)
     widget.run()
     _wait(qtbot, widget)

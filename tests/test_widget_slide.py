@@ -455,7 +455,7 @@ def test_slide_labels_are_the_ids_predict_writes(ran, slide_path, tmp_path):
     shown = _level0(widget)
     assert shown.dtype == np.uint32 and shown.max() > 40
     args = ["--model", "default", "--device", "cpu", "--rough-scale", str(SCALE), "--chunk", str(CHUNK),
-            "--format", "ome-zarr"]
+            "--format", "ome-zarr", "--group-zoom", "0"]  # the plugin gives each box its own crop
     assert main([*args, "--labels", str(slide_path), "--out", str(tmp_path / "o")]) == 0
     written = omezarr.open_label_image(tmp_path / "o" / "canvas_labels.ome.zarr")
     for ours, theirs in zip(label.levels, written.levels, strict=True):
@@ -519,3 +519,25 @@ def test_the_panel_shows_the_pixel_size_and_lets_the_user_override_it(make_napar
     widget.pixel_size.value = 0.5  # the user knows better than the file
     assert "tiles at 4 px per rough px" in widget.scale_info.value
     assert widget._engine_factory(model)().pixel_size == 0.5
+
+
+def test_the_segmentation_shows_while_the_run_writes_it(make_napari_viewer, qtbot, slide_path, monkeypatch):
+    from napari_segthenseg.plugin import slide_session
+
+    drawn: list[tuple[bool, int]] = []
+    real = slide_session.redraw
+
+    def spy(layer):
+        drawn.append((widget.busy and widget._worker is not None, int(np.asarray(layer.data[0][:]).max())))
+        real(layer)
+
+    monkeypatch.setattr(slide_session, "redraw", spy)
+    monkeypatch.setattr(slide_session, "REFRESH_S", 0.0)
+    viewer, _, widget = _open(make_napari_viewer, slide_path)
+    widget.run()
+    qtbot.waitUntil(lambda: "canvas segmentation" in viewer.layers, timeout=60000)
+    assert widget._worker is not None  # the store's layer is there before the run is done
+    _wait(qtbot, widget)
+    during = [top for running, top in drawn if running]
+    assert len(during) >= 3 and 1 in during  # redrawn as chunks came (0/1 until the objects are numbered)
+    assert drawn[-1][1] > 40  # the last redraw shows the numbered objects

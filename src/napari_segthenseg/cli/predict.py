@@ -7,6 +7,9 @@ Per image, in ``--out``:
 * ``<stem>_labels.tif`` / ``.ome.zarr`` instead with ``--labels`` (one id per object);
 * ``<stem>.boxes.csv``: the StS boxes, full-resolution pixels, half-open ``y0,x0,y1,x1``.
 
+Volumes (a ZYX TIFF/OME-TIFF, an OME-Zarr with a z axis) get the same files in 3D, with 3D boxes
+(:mod:`.predict_volume`, docs/VOLUMES.md).
+
 The boxes file is written last, so an image is done when both of its files exist, and
 ``segthenseg-predict.json`` then records the model (SHA-256) and options it was made with
 (:mod:`.manifest`). A rerun skips finished images made with the same model and options, redoes
@@ -46,8 +49,10 @@ from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import Progress, drive
 from ..engine.reader import ImageFileError, is_image_path, is_ome_zarr, open_image, stem_of
 from ..engine.slide import CHUNK, ChunkedOutput
+from ..engine.volume import VolumeOptions
 from .common import CliError, CommandProgress, check_output, model_path, open_engine
 from .manifest import Manifest, Recipe, file_sha256
+from .predict_volume import add_volume_arguments, predict_volume_file, volume_options
 from .qupath import geojson_path, read_boxes_file, write_image_geojson, write_slide_geojson
 
 FORMATS = ("auto", "tif", "ome-zarr")
@@ -103,7 +108,8 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
                  on_step: Callable[[Progress], None] | None = None,
                  report: Path | None = None, key: dict | None = None,
                  resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
-                 geojson: bool = False, group_zoom: float | None = None) -> tuple[Path, Path]:
+                 geojson: bool = False, group_zoom: float | None = None,
+                 volume: VolumeOptions | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
@@ -111,10 +117,14 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
     pixels). A slide keeps a journal made with ``key`` (what it is made with) so that a killed run
     can go on; ``resume`` is the journal of such a run (:func:`resumable`). ``boxes`` (drawn by hand)
     skip the rough pass; ``geojson`` also writes the objects as QuPath detections; on slides, small
-    neighbouring boxes share crops at ``group_zoom`` (None: one crop per box).
+    neighbouring boxes share crops at ``group_zoom`` (None: one crop per box). A volume goes to
+    :func:`.predict_volume.predict_volume_file` with the 3D rules of ``volume``.
     """
     t0 = time.perf_counter()
-    with open_image(path) as opened:
+    with open_image(path, volume=True) as opened:
+        if opened.volume:
+            return predict_volume_file(engine, opened, path, out, fmt, labels, chunk, client, threads,
+                                       on_step, report, volume)
         src = ImageSource(opened.levels, name=str(path), pixel_size=opened.pixel_size)
         pixel_size = engine.pixel_size or opened.pixel_size
         if engine.plan_for(src).tiled:
@@ -320,14 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     default = default_model_arg()
     p = argparse.ArgumentParser(
         prog="segthenseg-predict",
-        description="Segment images and whole slides with Segment-then-Segment. Writes DIR/<stem>_mask.tif "
-                    "(uint8 0/1), or DIR/<stem>_mask.ome.zarr for slides, and DIR/<stem>.boxes.csv per "
-                    "image; napari opens both. A rerun skips the images already made with the same model "
-                    "and options. Exit status 1 if any input was skipped, 2 for a usage error, 3 if the "
-                    "disk filled up.")
+        description="Segment images, whole slides and volumes with Segment-then-Segment. Writes "
+                    "DIR/<stem>_mask.tif (uint8 0/1; a volume: Z x Y x X), or DIR/<stem>_mask.ome.zarr for "
+                    "slides and large volumes, and DIR/<stem>.boxes.csv per image; napari opens both. A "
+                    "rerun skips the images already made with the same model and options. Exit status 1 "
+                    "if any input was skipped, 2 for a usage error, 3 if the disk filled up.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
-                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI), OME-Zarr folders, or folders "
-                        "of these")
+                   help="image files (PNG, JPEG, TIFF, OME-TIFF, SVS, NDPI; ZYX stacks are volumes), "
+                        "OME-Zarr folders, or folders of these")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
     p.add_argument("--model", default=default, metavar="MODEL",
                    help="a model file, a training run's folder (its model.pt), or 'default': the bundled "
@@ -371,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--scheduler", metavar="ADDRESS",
                          help="run the chunks on an existing dask.distributed cluster (e.g. "
                               "tcp://host:8786); its workers must see the input and --out paths")
+    add_volume_arguments(p)
     return p
 
 
@@ -397,6 +408,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         raise CliError("--chunk must be at least 64")
     check_output(args.out, "--out", folder=True)
     check_output(args.report, "--report")
+    volume = volume_options(args)
     files, skipped = list_inputs(args.inputs)
     for _, reason in skipped:
         print(f"skipped {reason}", file=sys.stderr)
@@ -452,7 +464,7 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                                           args.threads, on_step=progress.on_step, report=args.report,
                                           key=journal_key(recipe, f, seg_path), resume=resume.get(f),
                                           boxes=given, geojson=args.geojson,
-                                          group_zoom=args.group_zoom or None)
+                                          group_zoom=args.group_zoom or None, volume=volume)
                 made = [seg, boxes] + ([geojson_path(args.out, stem_of(f))] if args.geojson else [])
                 manifest.record(stem_of(f), recipe.entry(f, made, seg.name.endswith(".ome.zarr")))
                 written += 1

@@ -20,7 +20,7 @@ from .boxes import (
 from .crops import cut_crops, cut_crops_lazy
 from .device import available_devices, resolve_device
 from .fuse import fuse, upsample_mask
-from .image import ImageSource, NormStats, compute_stats, match_channels
+from .image import ImageSource, NormStats, VolumeSource, compute_stats, match_channels
 from .modelfile import (
     DEFAULT_MODEL_NAME,
     ModelFileError,
@@ -34,6 +34,7 @@ from .modelfile import (
 from .pipeline import Engine, SegmentResult, segment
 from .rough import RoughResult
 from .unet import UNet, build_network, count_parameters
+from .volume import VolumeOptions, VolumeResult, segment_volume, walk_volume
 
 __all__ = [
     "DEFAULT_MODEL_NAME", "Engine", "ImageSource", "ModelFileError", "ModelSettings", "NormStats",
@@ -41,6 +42,6 @@ __all__ = [
     "build_network", "bundled_model_path", "clip_boxes", "component_boxes", "compute_stats",
     "count_parameters", "crop_windows", "cut_crops", "cut_crops_lazy", "default_pad",
     "finalize_boxes", "fuse", "load_model", "match_channels", "resolve_device",
-    "resolve_model_path", "save_model", "scale_boxes", "segment", "square_pad_shift",
-    "upsample_mask",
+    "resolve_model_path", "save_model", "scale_boxes", "segment", "segment_volume", "square_pad_shift",
+    "upsample_mask", "VolumeOptions", "VolumeResult", "VolumeSource", "walk_volume",
 ]

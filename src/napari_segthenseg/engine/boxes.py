@@ -1,7 +1,8 @@
 """Box rules (the paper's step 2, Benčević et al. 2023), shared by inference and training.
 
 A box is ``(y0, x0, y1, x1)`` in full-resolution pixels, half-open, always inside the image.
-Boxes are kept in an ``int64`` array of shape ``(N, 4)``.
+Boxes are kept in an ``int64`` array of shape ``(N, 4)``. A volume's box (docs/VOLUMES.md) is
+``(z0, y0, x0, z1, y1, x1)``: a z-range and one y/x window made by the same 2D rules, ``(N, 6)``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,20 @@ from scipy import ndimage
 MIN_BOX = 5  # components narrower or shorter than this (full-res px) are noise
 NO_BOXES = np.zeros((0, 4), dtype=np.int64)
 NO_BOXES.setflags(write=False)  # shared: never written to
-# Objects are 8-connected everywhere: boxes, instance labels in the plugin, predict and eval.
-CONNECTIVITY = np.ones((3, 3), dtype=bool)
+NO_BOXES_3D = np.zeros((0, 6), dtype=np.int64)
+NO_BOXES_3D.setflags(write=False)
+MIN_SLICES = 1  # a volume's objects on fewer slices than this are dropped (docs/VOLUMES.md: keep all)
+
+
+def connectivity(ndim: int) -> np.ndarray:
+    """Full connectivity in ``ndim`` dimensions: 8 neighbours in 2D, 26 in 3D."""
+    return np.ones((3,) * ndim, dtype=bool)
+
+
+# Objects are 8-connected everywhere (26-connected in volumes): boxes, instance labels in the
+# plugin, predict and eval.
+CONNECTIVITY = connectivity(2)
+CONNECTIVITY_3D = connectivity(3)
 
 
 def default_pad(size: int) -> int:
@@ -45,17 +58,21 @@ def square_pad_shift(box: np.ndarray, hw: tuple[int, int], pad: int) -> np.ndarr
 
 
 def component_boxes(mask: np.ndarray) -> np.ndarray:
-    """Bounding boxes (in ``mask`` pixels) of its 8-connected components, in label order."""
-    labels, n = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
-    out = np.zeros((n, 4), dtype=np.int64)
+    """Bounding boxes (in ``mask`` pixels) of its fully connected components (8-connected in 2D,
+    26 in 3D), in label order: ``(y0, x0, y1, x1)``, or ``(z0, y0, x0, z1, y1, x1)`` for a volume."""
+    mask = np.asarray(mask) > 0
+    labels, n = ndimage.label(mask, structure=connectivity(mask.ndim))
+    out = np.zeros((n, 2 * mask.ndim), dtype=np.int64)
     for i, sl in enumerate(ndimage.find_objects(labels)):
-        out[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+        out[i] = [s.start for s in sl] + [s.stop for s in sl]
     return out
 
 
 def label_objects(mask: np.ndarray) -> np.ndarray:
-    """Instance labels: one id per 8-connected object, uint16 when the ids fit, else uint32."""
-    labels, n = ndimage.label(np.asarray(mask) > 0, structure=CONNECTIVITY)
+    """Instance labels: one id per 8-connected object (26-connected in a volume), uint16 when the
+    ids fit, else uint32."""
+    mask = np.asarray(mask) > 0
+    labels, n = ndimage.label(mask, structure=connectivity(mask.ndim))
     return labels.astype(np.uint16 if n < 2**16 else np.uint32)
 
 
@@ -133,13 +150,16 @@ def crop_windows(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 def changed_boxes(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """The boxes whose count differs between ``old`` and ``new`` (moved, resized, deleted or
-    drawn), each once: where a segmentation fused from ``old`` must be fused again."""
-    old = np.asarray(old, dtype=np.int64).reshape(-1, 4)
-    new = np.asarray(new, dtype=np.int64).reshape(-1, 4)
+    drawn), each once: where a segmentation fused from ``old`` must be fused again. Works for
+    2D ``(N, 4)`` and 3D ``(N, 6)`` boxes alike."""
+    width = next((a.shape[-1] for a in map(np.asarray, (new, old)) if a.size), 4)
+    old = np.asarray(old, dtype=np.int64).reshape(-1, width)
+    new = np.asarray(new, dtype=np.int64).reshape(-1, width)
     both = np.concatenate([old, new])
     if len(both) == 0:
-        return NO_BOXES
-    if both.min() >= 0 and both.max() < 2**16:  # one 64-bit key per box: a 1D sort (ms for 30,000 boxes)
+        return NO_BOXES if width == 4 else NO_BOXES_3D
+    # One 64-bit key per 2D box: a 1D sort (ms for 30,000 boxes).
+    if width == 4 and both.min() >= 0 and both.max() < 2**16:
         keys = np.zeros(len(both), dtype=np.uint64)
         for j in range(4):
             keys |= both[:, j].astype(np.uint64) << np.uint64(48 - 16 * j)
@@ -152,3 +172,45 @@ def changed_boxes(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     n_old = np.bincount(inverse[:len(old)], minlength=len(rows))
     n_new = np.bincount(inverse[len(old):], minlength=len(rows))
     return rows[n_old != n_new]
+
+
+def finalize_boxes_3d(raw: np.ndarray, shape: tuple[int, int, int], pad: int, z_pad: int,
+                      min_box: int = MIN_BOX, min_slices: int = MIN_SLICES,
+                      objects: np.ndarray | None = None) -> np.ndarray:
+    """Full-res 3D object boxes -> a volume's StS boxes (docs/VOLUMES.md).
+
+    The y/x window is the 2D rule on the object's extent over all its slices (dropped under
+    ``min_box`` px, made square, padded by ``pad``, shifted inside, clamped); the z-range is
+    padded by ``z_pad`` slices at the object's ends and clamped to the volume's ends. Objects on
+    fewer than ``min_slices`` slices are dropped. ``objects`` (N, 2): the z-range of the whole
+    object each box is a part of (a track, :mod:`.tracks`; default: the box's own), so that the
+    parts of one object are not padded into one another. Every slice of a box shares one window.
+    """
+    raw = np.asarray(raw, dtype=np.int64).reshape(-1, 6)
+    objects = raw[:, [0, 3]] if objects is None else np.asarray(objects, dtype=np.int64).reshape(-1, 2)
+    keep = (objects[:, 1] - objects[:, 0]) >= max(1, int(min_slices))
+    raw, objects = raw[keep], objects[keep]
+    yx = raw[:, [1, 2, 4, 5]]
+    keep = ((yx[:, 2] - yx[:, 0]) >= min_box) & ((yx[:, 3] - yx[:, 1]) >= min_box)
+    raw, yx, objects = raw[keep], yx[keep], objects[keep]
+    if len(raw) == 0:
+        return NO_BOXES_3D.copy()
+    win = np.stack([square_pad_shift(b, shape[1:], pad) for b in yx])
+    z0 = np.clip(raw[:, 0] - np.where(raw[:, 0] <= objects[:, 0], int(z_pad), 0), 0, shape[0])
+    z1 = np.clip(raw[:, 3] + np.where(raw[:, 3] >= objects[:, 1], int(z_pad), 0), 0, shape[0])
+    return np.stack([z0, win[:, 0], win[:, 1], z1, win[:, 2], win[:, 3]], 1).astype(np.int64)
+
+
+def clip_boxes_3d(boxes: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Clip (e.g. hand-drawn or edited) 3D boxes to the volume; empty ones are removed."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    yx = clip_boxes(b[:, [1, 2, 4, 5]], shape[1:]) if len(b) else NO_BOXES.copy()
+    if len(yx) != len(b):  # some were empty in y/x: clip one by one to know which
+        rows = [(i, clip_boxes(b[i, [1, 2, 4, 5]], shape[1:])) for i in range(len(b))]
+        keep = [i for i, r in rows if len(r)]
+        b = b[keep]
+        yx = np.concatenate([r for _, r in rows if len(r)]) if keep else NO_BOXES.copy()
+    z0 = np.clip(np.floor(np.minimum(b[:, 0], b[:, 3])), 0, shape[0])
+    z1 = np.clip(np.ceil(np.maximum(b[:, 0], b[:, 3])), 0, shape[0])
+    out = np.stack([z0, yx[:, 0], yx[:, 1], z1, yx[:, 2], yx[:, 3]], 1).astype(np.int64).reshape(-1, 6)
+    return out[out[:, 3] > out[:, 0]]

@@ -5,7 +5,8 @@ An image is a 2D array ``(H, W)`` or ``(H, W, C)`` with ``C`` in 1..4, or a mult
 LA mode), 4 are RGBA. NumPy arrays are used in memory; anything else with
 ``shape``/``dtype``/slicing (dask, zarr, tifffile's zarr store) is read lazily: the rough pass
 reads a downsampled copy from the nearest pyramid level, the fine pass reads only the crops.
-Files are opened by :mod:`.reader`, which turns every format into such a pyramid.
+Files are opened by :mod:`.reader`, which turns every format into such a pyramid. A volume
+(:class:`VolumeSource`, docs/VOLUMES.md) is read one slice at a time as such an image.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .crops import resample_window
 MIN_SIDE = 5  # smaller images cannot hold an object under the 5 px box rule
 NORMALISATIONS = ("minmax", "dtype", "none")
 MAX_STRIDE_OVERSAMPLING = 8  # a strided read keeps at least this many samples per output pixel
+FLAT_RELATIVE = 1e-5  # a min-max window narrower than this share of its values is float rounding
 
 
 class ImageReadError(ValueError):
@@ -169,11 +171,43 @@ class ImageSource:
         return self._to_tensor(np.asarray(self.levels[0]), device)
 
 
+class VolumeSource:
+    """A validated volume ``(Z, H, W)`` or ``(Z, H, W, C)`` (NumPy, dask, zarr; or a pyramid
+    whose levels keep every slice), read one slice at a time as an :class:`ImageSource`."""
+
+    def __init__(self, volume: object, name: str = "volume"):
+        levels = list(volume) if isinstance(volume, Sequence) and not _is_array_like(volume) else [volume]
+        if not levels or not all(_is_array_like(lv) for lv in levels):
+            raise ValueError("expected a volume array (or a list of its pyramid levels)")
+        shape = tuple(int(s) for s in levels[0].shape)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and not 1 <= shape[3] <= 4):
+            raise ValueError(f"volume shape {shape} is not (Z, H, W) or (Z, H, W, C) with C<=4")
+        if shape[0] < 1:
+            raise ValueError("the volume has no slices")
+        self.depth = shape[0]
+        # Levels that downsample z cannot give a slice; the rough pass reads y/x pyramids only.
+        self.levels = [lv for lv in levels if len(lv.shape) == len(shape) and int(lv.shape[0]) == self.depth]
+        self.name = name
+        first = self.plane(0)  # validates dtype, slice size and channels
+        self.hw, self.channels, self.dtype, self.lazy = first.hw, first.channels, first.dtype, first.lazy
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.depth, *self.hw)
+
+    def plane(self, z: int) -> ImageSource:
+        """Slice ``z`` as a 2D image (its pyramid too), read lazily where the volume is lazy."""
+        return ImageSource([lv[z] for lv in self.levels], name=f"{self.name}, slice {z}")
+
+
 def compute_stats(small: torch.Tensor, mode: str, dtype: np.dtype) -> NormStats:
     """Normalisation window from the downsampled image (cheap, and the same for every crop)."""
     if mode == "minmax":
         lo, hi = float(small.min()), float(small.max())
-        return NormStats(lo, hi if hi > lo else lo + 1.0)
+        # A flat image (e.g. an empty slice of a volume) differs from itself only by the rounding
+        # of its antialiased resize: no contrast to stretch, or its background would be "bright".
+        flat = hi - lo <= FLAT_RELATIVE * max(abs(lo), abs(hi))
+        return NormStats(lo, lo + 1.0 if flat or not hi > lo else hi)
     if mode == "dtype":
         if dtype.kind in "ui":
             info = np.iinfo(dtype)

@@ -16,7 +16,11 @@ a message that says how to fix it. The rules, in one place (docs/WHOLE_SLIDES.md
   is also how a 3-slice stack saved without metadata looks;
 * a channel axis ``C`` (OME, ImageJ, NGFF) of 3 is taken as colour channels; 2 or more than 3
   channels are refused (the networks take gray or RGB);
-* any other axis longer than 1 (``Z``, ``T``, unknown ``Q``/``I``) is a stack: refused.
+* any other axis longer than 1 (``Z``, ``T``, unknown ``Q``/``I``) is a stack: refused, unless
+  the caller opens a *volume* (``open_image(path, volume=True)``, docs/VOLUMES.md): then one
+  ``Z`` axis, or one unnamed page axis (``Q``/``I``, a plain multi-page TIFF), is the volume's
+  z axis and the levels are ``(Z, H, W)`` or ``(Z, H, W, C)``; a time axis ``T`` (or two stack
+  axes) is still refused, with a message that says so.
 
 The physical pixel size (µm per pixel) is read where the file records it: OME-XML ``PhysicalSizeX/Y``
 (OME-TIFF), the Aperio description's ``MPP`` (SVS), the TIFF resolution tags in pixels per centimetre
@@ -42,6 +46,7 @@ TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".qptiff")
 IMAGE_EXTENSIONS = PLAIN_EXTENSIONS + TIFF_EXTENSIONS
 LAZY_MIN_PIXELS = LARGE_IMAGE_PX  # TIFFs with more pixels than this are read tile by tile
 LEVEL_TOLERANCE = 0.02  # relative disagreement allowed between a level's y and x downsampling
+Z_AXES = "ZQI"  # axes a volume's slices may lie along: named z, or unnamed pages
 
 
 class ImageFileError(ValueError):
@@ -53,10 +58,11 @@ class OpenedImage:
     """An open image file: its pyramid (largest level first) and what kind of file it is."""
 
     path: Path
-    levels: list  # (H, W) or (H, W, C) arrays: NumPy when decoded, dask when read on demand
+    levels: list  # (H, W) or (H, W, C) arrays (a volume: (Z, H, W[, C])): NumPy, or dask on demand
     kind: str
     _closers: list = field(default_factory=list, repr=False)
     pixel_size: float | None = None  # µm per pixel of level 0, when the file records it
+    volume: bool = False  # the levels have a leading z axis (opened with ``volume=True``)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -67,11 +73,13 @@ class OpenedImage:
         return not isinstance(self.levels[0], np.ndarray)
 
     def describe(self) -> str:
-        h, w = self.shape[:2]
-        colour = f"{self.shape[2]} channels" if len(self.shape) == 3 else "gray"
+        plane = self.shape[1:] if self.volume else self.shape
+        h, w = plane[:2]
+        colour = f"{plane[2]} channels" if len(plane) == 3 else "gray"
         pyramid = f", {len(self.levels)} levels" if len(self.levels) > 1 else ""
+        depth = f" x {self.shape[0]} slices" if self.volume else ""
         size = f", {self.pixel_size:.4g} µm/px" if self.pixel_size else ""
-        return f"{self.kind}, {w} x {h} px, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}{size}"
+        return f"{self.kind}, {w} x {h} px{depth}, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}{size}"
 
     def close(self) -> None:
         for closer in self._closers:
@@ -108,8 +116,11 @@ def is_ome_zarr(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in (".zattrs", "zarr.json", ".zgroup"))
 
 
-def open_image(path: str | os.PathLike) -> OpenedImage:
-    """Open ``path`` as a pyramid of 2D images; raise :class:`ImageFileError` naming the file."""
+def open_image(path: str | os.PathLike, volume: bool = False) -> OpenedImage:
+    """Open ``path`` as a pyramid of 2D images; raise :class:`ImageFileError` naming the file.
+
+    With ``volume``, a z-stack is accepted too (``opened.volume`` then says which it is).
+    """
     p = Path(path)
     if not p.exists():
         raise ImageFileError(f"{p}: no such file or folder")
@@ -117,9 +128,9 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
         if p.is_dir():
             if not is_ome_zarr(p):
                 raise ImageFileError(f"{p}: a folder that is not an OME-Zarr image")
-            opened = _open_ome_zarr(p)
+            opened = _open_ome_zarr(p, volume)
         elif p.suffix.lower() in TIFF_EXTENSIONS:
-            opened = _open_tiff(p)
+            opened = _open_tiff(p, volume)
         elif p.suffix.lower() in PLAIN_EXTENSIONS:
             opened = _open_plain(p)
         else:
@@ -174,7 +185,7 @@ def _drop_alpha(arr, p: Path, alpha: bool):
     raise ImageFileError(f"{p}: {c} colour samples per pixel; the networks take gray or RGB")
 
 
-def _open_tiff(p: Path) -> OpenedImage:
+def _open_tiff(p: Path, volume: bool = False) -> OpenedImage:
     import tifffile
 
     tif = tifffile.TiffFile(p)
@@ -183,13 +194,15 @@ def _open_tiff(p: Path) -> OpenedImage:
         axes, shape = series.axes, tuple(series.shape)
         page = series.keyframe
         kind = _tiff_kind(tif, series)
-        plan = _tiff_axes_plan(p, axes, shape, page)
-        n_pixels = int(np.prod([n for a, n in zip(axes, shape, strict=True) if a in "YX"]))
+        plan = _tiff_axes_plan(p, axes, shape, page, volume)
+        # A volume's slices count too: a long stack is read slice by slice, never decoded whole.
+        counted = "YX" + (Z_AXES if plan.volume else "")
+        n_pixels = int(np.prod([n for a, n in zip(axes, shape, strict=True) if a in counted]))
         size = tiff_pixel_size(tif)
         if len(series.levels) == 1 and n_pixels <= LAZY_MIN_PIXELS:
             arr = plan(series.asarray())
             tif.close()
-            return OpenedImage(p, [arr], kind, pixel_size=size)
+            return OpenedImage(p, [arr], kind, volume=plan.volume, pixel_size=size)
         import dask.array as da
         import zarr
 
@@ -197,7 +210,7 @@ def _open_tiff(p: Path) -> OpenedImage:
         node = zarr.open(store, mode="r")
         arrays = [node] if hasattr(node, "shape") else [node[str(i)] for i in range(len(series.levels))]
         levels = [plan(da.from_zarr(a)) for a in arrays]
-        return OpenedImage(p, levels, kind, [store.close, tif.close], pixel_size=size)
+        return OpenedImage(p, levels, kind, [store.close, tif.close], volume=plan.volume, pixel_size=size)
     except BaseException:
         tif.close()
         raise
@@ -210,24 +223,29 @@ def _tiff_kind(tif, series) -> str:
     return f"pyramidal {name}" if len(series.levels) > 1 else name
 
 
-def _tiff_axes_plan(p: Path, axes: str, shape: tuple[int, ...], page):
+def _tiff_axes_plan(p: Path, axes: str, shape: tuple[int, ...], page, volume: bool = False):
     """A function turning an array with ``axes`` into ``(H, W)``/``(H, W, C)``; checks first."""
     import tifffile
 
     photometric = getattr(page, "photometric", None)
     rgb = photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
     extras = tuple(getattr(page, "extrasamples", ()) or ())
-    return _axes_plan(p, axes, shape, samples_are_colour=rgb, alpha=bool(extras))
+    return _axes_plan(p, axes, shape, samples_are_colour=rgb, alpha=bool(extras), volume=volume)
 
 
-def _axes_plan(p: Path, axes: str, shape: tuple[int, ...], samples_are_colour: bool, alpha: bool):
+def _axes_plan(p: Path, axes: str, shape: tuple[int, ...], samples_are_colour: bool, alpha: bool,
+               volume: bool = False):
     axes = axes.upper()
     if "Y" not in axes or "X" not in axes:
         raise ImageFileError(f"{p}: axes {axes} have no Y and X plane")
     keep = [a for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX"]
-    extra = [a for a in keep if a not in "YX"]
     sizes = dict(zip(axes, shape, strict=True))
     stack = [(a, n) for a, n in zip(axes, shape, strict=True) if n > 1 and a not in "YXSC"]
+    z_axis = None
+    if volume and stack:
+        z_axis = _volume_axis(p, axes, shape, stack)
+        stack = []
+    extra = [a for a in keep if a not in "YX" and a != z_axis]
     if stack:
         what = ", ".join(f"{a}={n}" for a, n in stack)
         raise ImageFileError(
@@ -255,16 +273,33 @@ def _axes_plan(p: Path, axes: str, shape: tuple[int, ...], samples_are_colour: b
         index = tuple(slice(None) if a in keep else 0 for a in axes)
         arr = arr[index]
         names = [axes[i] for i in order]
-        target = [names.index("Y"), names.index("X")] + ([names.index(channel_axis)] if channel_axis else [])
+        target = ([names.index(z_axis)] if z_axis else []) + [names.index("Y"), names.index("X")] + (
+            [names.index(channel_axis)] if channel_axis else [])
         arr = arr.transpose(target) if target != list(range(len(target))) else arr
         if channel_axis == "S":
             arr = _drop_alpha(arr, p, alpha)
         return arr
 
+    plan.volume = z_axis is not None  # type: ignore[attr-defined]
     return plan
 
 
-def _open_ome_zarr(p: Path) -> OpenedImage:
+def _volume_axis(p: Path, axes: str, shape: tuple[int, ...], stack: list[tuple[str, int]]) -> str:
+    """The one axis a volume's slices lie along; a time series or a second stack axis is refused."""
+    where = f"axes {axes}, shape {shape}"
+    times = [n for a, n in stack if a == "T"]
+    if times:
+        raise ImageFileError(
+            f"{p}: a time series (T={times[0]}; {where}); volumes are segmented one at a time: save "
+            "each time point as its own ZYX file")
+    if len(stack) > 1 or stack[0][0] not in Z_AXES:
+        what = ", ".join(f"{a}={n}" for a, n in stack)
+        raise ImageFileError(f"{p}: a stack with {what} ({where}); a volume has one z axis: save each "
+                             "volume as its own ZYX file")
+    return stack[0][0]
+
+
+def _open_ome_zarr(p: Path, volume: bool = False) -> OpenedImage:
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
 
@@ -278,8 +313,9 @@ def _open_ome_zarr(p: Path) -> OpenedImage:
         if not names:  # NGFF 0.3 and older: the axes were always (t, c, z, y, x) minus leading ones
             names = list("tczyx"[-len(node.data[0].shape):])
         axes = "".join(n[0].upper() for n in names)
-        plan = _axes_plan(p, axes, tuple(node.data[0].shape), samples_are_colour=False, alpha=False)
-        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr",
+        plan = _axes_plan(p, axes, tuple(node.data[0].shape), samples_are_colour=False, alpha=False,
+                          volume=volume)
+        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr", volume=plan.volume,
                            pixel_size=ngff_pixel_size(node.metadata))
     raise ImageFileError(f"{p}: an OME-Zarr folder with no multiscale image")
 
@@ -363,11 +399,14 @@ def ngff_pixel_size(metadata: dict) -> float | None:
 def _check_levels(opened: OpenedImage) -> None:
     """Pyramid levels must be the same image, each smaller, with matching y and x downsampling."""
     base = opened.levels[0]
-    h0, w0 = (int(s) for s in base.shape[:2])
+    z = 1 if opened.volume else 0  # a volume's levels keep (or reduce) z; y and x are checked
+    h0, w0 = (int(s) for s in base.shape[z:z + 2])
     for k, lv in enumerate(opened.levels[1:], start=1):
-        h, w = (int(s) for s in lv.shape[:2])
+        h, w = (int(s) for s in lv.shape[z:z + 2])
         problem = None
-        if lv.shape[2:] != base.shape[2:] or np.dtype(lv.dtype) != np.dtype(base.dtype):
+        if z and int(lv.shape[0]) > int(base.shape[0]):
+            problem = f"has {lv.shape[0]} slices, level 0 {base.shape[0]}"
+        elif lv.shape[z + 2:] != base.shape[z + 2:] or np.dtype(lv.dtype) != np.dtype(base.dtype):
             problem = f"has shape {tuple(lv.shape)} {lv.dtype}, level 0 {tuple(base.shape)} {base.dtype}"
         elif h > h0 or w > w0:
             problem = f"({h} x {w}) is larger than level 0 ({h0} x {w0})"

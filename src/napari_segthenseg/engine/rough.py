@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .boxes import CONNECTIVITY, component_boxes, finalize_boxes, scale_boxes
+from .boxes import component_boxes, connectivity, finalize_boxes, scale_boxes
 from .core import Core
 from .grid import Region, tiles
 from .image import ImageSource, compute_stats, match_channels
@@ -169,7 +169,8 @@ def rough_boxes(rough: RoughResult, hw: tuple[int, int], pad: int, min_box: int)
 
 
 def lazy_component_boxes(mask: object, chunk: int = 2048) -> np.ndarray:
-    """Bounding boxes of the 8-connected components of an array too large for memory.
+    """Bounding boxes of the fully connected components (8 in 2D, 26 in 3D) of an array too
+    large for memory, as :func:`~.boxes.component_boxes` gives them.
 
     dask-image labels the array chunk by chunk and merges labels across chunk borders; each
     labelled chunk then reports its labels' extents, and the extents of one label are joined.
@@ -179,35 +180,38 @@ def lazy_component_boxes(mask: object, chunk: int = 2048) -> np.ndarray:
     from dask_image.ndmeasure import label
 
     arr = da.from_array(mask, chunks=chunk) if not isinstance(mask, da.Array) else mask
-    labels, n = label(arr > 0, structure=CONNECTIVITY)
+    nd = arr.ndim
+    labels, n = label(arr > 0, structure=connectivity(nd))
     n = int(n)
     offsets = [np.cumsum((0,) + c) for c in labels.chunks]
     blocks = labels.to_delayed()
     parts = dask.compute(*[
-        dask.delayed(_block_extents)(blocks[i, j], offsets[0][i], offsets[1][j])
-        for i in range(blocks.shape[0]) for j in range(blocks.shape[1])])
-    ext = np.concatenate(parts) if parts else np.zeros((0, 5), np.int64)
+        dask.delayed(_block_extents)(blocks[idx], tuple(int(offsets[d][i]) for d, i in enumerate(idx)))
+        for idx in np.ndindex(*blocks.shape)])
+    ext = np.concatenate(parts) if parts else np.zeros((0, 1 + 2 * nd), np.int64)
     big = np.iinfo(np.int64).max
-    out = np.tile(np.array([big, big, -1, -1], dtype=np.int64), (n + 1, 1))
-    np.minimum.at(out[:, 0], ext[:, 0], ext[:, 1])
-    np.minimum.at(out[:, 1], ext[:, 0], ext[:, 2])
-    np.maximum.at(out[:, 2], ext[:, 0], ext[:, 3])
-    np.maximum.at(out[:, 3], ext[:, 0], ext[:, 4])
-    out = out[1:][out[1:, 2] >= 0]
-    return out[np.lexsort((out[:, 1], out[:, 0]))]
+    out = np.tile(np.array([big] * nd + [-1] * nd, dtype=np.int64), (n + 1, 1))
+    for d in range(nd):
+        np.minimum.at(out[:, d], ext[:, 0], ext[:, 1 + d])
+        np.maximum.at(out[:, nd + d], ext[:, 0], ext[:, 1 + nd + d])
+    out = out[1:][out[1:, nd] >= 0]
+    return out[np.lexsort(tuple(out[:, d] for d in reversed(range(nd))))]
 
 
-def _block_extents(block: np.ndarray, y0: int, x0: int) -> np.ndarray:
-    """``(label, y0, x0, y1, x1)`` of every label in one labelled chunk (global coordinates)."""
+def _block_extents(block: np.ndarray, origin: tuple[int, ...]) -> np.ndarray:
+    """``(label, starts..., stops...)`` of every label in one labelled chunk (global coordinates)."""
     from scipy import ndimage
 
+    nd = block.ndim
     ids, compact = np.unique(block, return_inverse=True)
     compact = compact.reshape(block.shape)
     rows = []
     for k, sl in enumerate(ndimage.find_objects(compact), start=1):
         if sl is not None and ids[k] != 0:
-            rows.append((ids[k], sl[0].start + y0, sl[1].start + x0, sl[0].stop + y0, sl[1].stop + x0))
+            rows.append((ids[k], *(s.start + o for s, o in zip(sl, origin, strict=True)),
+                         *(s.stop + o for s, o in zip(sl, origin, strict=True))))
     if ids[0] != 0:  # no background in this chunk: label 0 of `compact` is a real object
-        ys, xs = np.nonzero(compact == 0)
-        rows.append((ids[0], ys.min() + y0, xs.min() + x0, ys.max() + 1 + y0, xs.max() + 1 + x0))
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 5)
+        where = np.nonzero(compact == 0)
+        rows.append((ids[0], *(int(w.min()) + o for w, o in zip(where, origin, strict=True)),
+                     *(int(w.max()) + 1 + o for w, o in zip(where, origin, strict=True))))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 1 + 2 * nd)

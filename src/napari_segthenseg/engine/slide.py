@@ -18,7 +18,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,8 @@ from .reader import open_image
 
 CHUNK_MEMORY_MB = 256.0  # activation budget of one chunk's fine batch
 
-__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "merge_parts", "run_chunk",
-           "segment_chunk"]
+__all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "core_for", "merge_parts", "open_executor",
+           "run_chunk", "run_tasks", "segment_chunk"]
 
 
 @dataclass
@@ -104,15 +105,7 @@ class ChunkedOutput:
         for k in todo:
             waits[k].add(k)
         job = ChunkJob(core.model, str(core.device), src, stats, self.array, overwrite=self.overwrite)
-        shared: object = job
-        if self.client is None:
-            executor: Executor = ThreadPoolExecutor(max(1, min(self.threads, len(todo))))
-        else:
-            if self.source_path is None:
-                raise ValueError("a cluster's workers need the image's path to read it")
-            job.source = self.source_path
-            executor = self.client.get_executor()
-            shared = self.client.scatter(job, broadcast=True)  # the model and windows, sent once
+        executor, shared = open_executor(job, self.client, self.threads, len(todo), self.source_path)
         futures: dict[Future, tuple[bool, int]] = {}  # (is a merge, region)
         inbox: list[list[Part]] = [[] for _ in regions]
         times: dict[str, float] = {}
@@ -179,6 +172,46 @@ class ChunkedOutput:
         return 1
 
 
+def open_executor(job: object, client: object | None, threads: int, tasks: int,
+                  source_path: str | None) -> tuple[Executor, object]:
+    """The executor for ``tasks`` tasks of ``job`` (``threads`` local threads, or the workers of a
+    dask.distributed ``client``) and what to pass them as the job: on a cluster it is scattered
+    once, its ``source`` replaced by ``source_path`` for workers to reopen."""
+    if client is None:
+        return ThreadPoolExecutor(max(1, min(threads, tasks))), job
+    if source_path is None:
+        raise ValueError("a cluster's workers need the image's path to read it")
+    job.source = source_path
+    return client.get_executor(), client.scatter(job, broadcast=True)  # the model and windows, sent once
+
+
+def run_tasks(task: Callable, job: object, items: list[tuple], client: object | None, threads: int,
+              source_path: str | None) -> Steps[tuple[dict[str, float], dict[str, int]]]:
+    """``task(job, *item)`` for every item, on ``threads`` local threads or the workers of a
+    dask.distributed ``client`` (``job`` scattered once, its ``source`` replaced by
+    ``source_path`` for workers to reopen). Returns the summed timings and counts of the tasks."""
+    executor, shared = open_executor(job, client, threads, len(items), source_path)
+    futures: list[Future] = []
+    times: dict[str, float] = {}
+    counts: dict[str, int] = {"chunks": len(items)}
+    try:
+        futures = [executor.submit(task, shared, *item) for item in items]
+        yield Progress(f"fine pass: 0/{len(items)} chunks", 0, len(items))
+        for done, fut in enumerate(as_completed(futures), start=1):
+            t, c = fut.result()
+            for k, v in t.items():
+                times[k] = times.get(k, 0.0) + v
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
+            yield Progress(f"fine pass: {done}/{len(items)} chunks", done, len(items))
+    finally:
+        for fut in futures:
+            fut.cancel()
+        if client is None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return times, counts
+
+
 def segment_chunk(core: Core, src: ImageSource, boxes: np.ndarray, stats: Windows,
                   region: Region, windows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fused mask of one output ``region`` from ``boxes`` (bool), and their fine results.
@@ -220,8 +253,9 @@ _sources: dict[str, ImageSource] = {}
 _sources_lock = threading.Lock()
 
 
-def _core_for(job: ChunkJob) -> Core:
-    """One core per thread and job (cores keep per-call timings; the nets are shared)."""
+def core_for(job: ChunkJob) -> Core:
+    """One core per thread and job (cores keep per-call timings; the nets are shared). Any job
+    with ``token``, ``model``, ``device`` and ``memory_mb`` will do (a volume's chunks too)."""
     cache = _local.__dict__.setdefault("cores", {})
     if job.token not in cache:
         cache.clear()  # a new job: drop the cores of finished ones
@@ -253,7 +287,7 @@ def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Re
     """Task: refine the ``boxes`` this region owns (in their shared crop ``windows``, if any), write
     the region, and return the parts of their results that fall in the ``targets`` (other regions;
     None where nothing is foreground there)."""
-    core = _core_for(job)
+    core = core_for(job)
     core.timings, core.counts = {}, {}
     mask = probs = None
     try:

@@ -77,6 +77,14 @@ class BoxTable:
         rows = self._rows_of(ids)
         return self.boxes[rows].reshape(-1, 4)
 
+    def has(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each of ``ids`` is in the table (a lookup per id, not a pass over the table)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        known = (ids >= 0) & (ids < len(self._rows))
+        out = np.zeros(len(ids), bool)
+        out[known] = self._rows[ids[known]] >= 0
+        return out
+
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         known = (ids >= 0) & (ids < len(self._rows))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import omezarr, reader
-from ..engine.boxio import read_boxes_csv, write_boxes_csv
+from ..engine.boxio import HEADER, read_boxes_csv, write_boxes_csv
 from ..engine.geojson import (
     FeatureWriter,
     box_feature,
@@ -57,6 +57,7 @@ from .layers import (
     boxes_to_rectangles,
     snap_to_pixels,
 )
+from .volume_session import BOX_ID, boxes3d_to_rectangles, layer_boxes3d
 
 __all__ = ["LABEL_SUFFIXES", "napari_get_geojson_reader", "napari_get_label_reader", "napari_get_reader",
            "napari_get_slide_reader", "read_boxes_csv", "write_boxes", "write_boxes_csv",
@@ -79,28 +80,51 @@ def _read_layer(path: str) -> list[tuple]:
     """The boxes as rectangles; a file with more than ``LAYER_BOXES_MAX`` (a slide's) gives an empty
     layer that names the file: picked as the boxes layer in the panel, all of them go into the slide's
     box table and the layer shows those near the view (napari would need minutes for them all)."""
-    boxes = read_boxes_csv(path)
-    plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(0, 0))
     name = Path(path).name[: -len(EXTENSION)]
     metadata = {"segthenseg": "boxes"}
-    if len(boxes) > LAYER_BOXES_MAX:
-        metadata.update({BOXES_FILE_KEY: str(path), "segthenseg_n_boxes": len(boxes)})
-        boxes = boxes[:0]
+    rows = _rows(path)
+    if rows > LAYER_BOXES_MAX and _first_line(path) == ",".join(HEADER):  # a slide's: read when picked
+        metadata.update({BOXES_FILE_KEY: str(path), "segthenseg_n_boxes": rows})
+        boxes = np.zeros((0, 4))
+    else:
+        boxes = read_boxes_csv(path)
     meta = {"name": name, "shape_type": "rectangle", "edge_color": BOX_COLOUR, "face_color": "transparent",
             "ndim": 2, "metadata": metadata}
+    if boxes.shape[1] == 6:  # a volume's 3D boxes: a rectangle on every slice, its box as a feature
+        plane = Plane(lead=(), scale=(1.0,) * 3, translate=(0.0,) * 3, affine=np.eye(4), hw=(0, 0), depth=1)
+        rects, ids = boxes3d_to_rectangles(boxes, plane)
+        meta.update(ndim=3, features={BOX_ID: ids}, feature_defaults={BOX_ID: -1})
+        return [(rects, meta, "shapes")]
+    plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(0, 0))
     return [(boxes_to_rectangles(boxes, plane) if len(boxes) else None, meta, "shapes")]
+
+
+def _rows(path: str) -> int:
+    """Data rows of a CSV, counted without parsing (a million rows: a few hundredths of a second)."""
+    with open(path, "rb") as fh:
+        return max(0, sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b"")) - 1)
+
+
+def _first_line(path: str) -> str:
+    with open(path, newline="") as fh:
+        return fh.readline().strip().replace(" ", "").lower()
 
 
 def write_boxes(path: str, data: list, meta: dict) -> list[str]:
     """npe2 single-layer writer for Shapes: each shape's bounding box, snapped to pixels.
 
     Coordinates are the layer's own data coordinates (for the plugin's boxes layer: the image's
-    pixels); leading axes of a stack's boxes layer are dropped. A slide's boxes layer, which shows
-    only the boxes near the view, is refused: the panel's Save writes all of them.
+    pixels); leading axes of a stack's boxes layer are dropped. A volume's boxes layer (its
+    rectangles carry the ``box`` feature) is written as 3D boxes ``z0,y0,x0,z1,y1,x1``. A slide's
+    boxes layer, which shows only the boxes near the view, is refused: the panel's Save writes all of
+    them.
     """
     if (meta.get("metadata") or {}).get(VIEWPORT_KEY):
         raise ValueError("this boxes layer shows only the boxes near the view of a slide; save all of them "
                          "with 'Save segmentation + boxes…' in the Segment-then-Segment panel")
+    features = meta.get("features")
+    if len(data) and features is not None and BOX_ID in features and np.asarray(data[0]).shape[1] >= 3:
+        return [str(write_boxes_csv(path, layer_boxes3d(list(data), features[BOX_ID])))]
     return [str(write_boxes_csv(path, snap_to_pixels(list(data))))]
 
 
@@ -138,10 +162,12 @@ VIRTUAL_LEVEL_MAX_SIDE = 2048  # a single-level slide gets strided views down to
 
 
 def napari_get_slide_reader(path: str | list[str]):
-    """npe2 reader: a pyramidal or very large TIFF-family file -> a lazy multiscale Image layer.
+    """npe2 reader: a pyramidal or very large TIFF-family file -> a lazy multiscale Image layer
+    (a large z-stack: a lazy 3D Image layer, read slice by slice).
 
     Decided from the TIFF structure alone (nothing decoded): several pyramid levels, or more than
-    ``LAZY_MIN_PIXELS`` pixels. Anything else returns None (napari's own reader does small TIFFs).
+    ``LAZY_MIN_PIXELS`` pixels (a stack: voxels). Anything else returns None (napari's own reader
+    does small TIFFs).
     """
     name = str(path).lower() if not isinstance(path, list) else ""
     if not name.endswith(TIFF_EXTENSIONS) or name.endswith(LABEL_SUFFIXES):
@@ -152,7 +178,8 @@ def napari_get_slide_reader(path: str | list[str]):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             n_levels = len(series.levels)
-            pixels = int(np.prod([n for a, n in zip(series.axes, series.shape, strict=True) if a in "YX"]))
+            counted = "YX" + reader.Z_AXES
+            pixels = int(np.prod([n for a, n in zip(series.axes, series.shape, strict=True) if a in counted]))
     except (OSError, ValueError, IndexError, KeyError, tifffile.TiffFileError):
         return None
     if n_levels < 2 and pixels <= reader.LAZY_MIN_PIXELS:
@@ -161,12 +188,17 @@ def napari_get_slide_reader(path: str | list[str]):
 
 
 def _read_slide(path: str) -> list[tuple]:
-    opened = open_image(path)  # ImageFileError (a stack, 2 channels, ...) says what is wrong
+    opened = open_image(path, volume=True)  # ImageFileError (a time series, 2 channels, ...) says why
     levels = list(opened.levels)
-    meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == 3,
+    meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == (4 if opened.volume else 3),
                   "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe(),
                                PIXEL_SIZE_KEY: opened.pixel_size}}
-    if len(levels) == 1:  # one huge level: strided views so that zooming out never reads it all
+    if opened.volume:  # napari reads the slice on screen; the dtype's range saves reading them all
+        levels = [lv for lv in levels if lv.shape[0] == levels[0].shape[0]]
+        if np.dtype(levels[0].dtype).kind in "ui":
+            info = np.iinfo(levels[0].dtype)
+            meta["contrast_limits"] = (float(info.min), float(info.max))
+    elif len(levels) == 1:  # one huge level: strided views so that zooming out never reads it all
         base, f = levels[0], 2
         while max(int(s) for s in base.shape[:2]) // f > VIRTUAL_LEVEL_MAX_SIDE // 2:
             levels.append(base[::f, ::f])

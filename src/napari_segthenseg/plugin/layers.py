@@ -40,10 +40,12 @@ PIXEL_SIZE_KEY = "segthenseg_pixel_size"  # metadata key: µm per pixel a slide'
 
 @dataclass(frozen=True)
 class Plane:
-    """A 2D plane of an nD image layer and where its pixels lie in the world.
+    """A 2D plane of an nD image layer (or, with ``depth``, a whole volume: its last three
+    spatial axes) and where its pixels lie in the world.
 
-    ``lead`` holds the indices of the non-displayed (leading) axes; result layers keep those
-    axes with length 1, translated to the plane, so they show only on the slice they belong to.
+    ``lead`` holds the indices of the leading axes that are not segmented (a stack's slice, a
+    time point); result layers keep those axes with length 1, translated to the plane, so they
+    show only on the slice they belong to. A volume's result layers span its ``depth`` slices.
     """
 
     lead: tuple[int, ...]
@@ -53,13 +55,19 @@ class Plane:
     hw: tuple[int, int]
     rotate: np.ndarray | None = None  # the image layer's rotate matrix and shear (None: none)
     shear: np.ndarray | None = None
+    depth: int = 0  # slices of a volume segmented whole (0: one 2D plane)
 
     @property
     def ndim(self) -> int:
-        return len(self.lead) + 2
+        return len(self.lead) + (3 if self.depth else 2)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(H, W)``, or ``(Z, H, W)`` for a volume."""
+        return (self.depth, *self.hw) if self.depth else self.hw
 
     def expand(self, plane: np.ndarray) -> np.ndarray:
-        """A 2D array as a layer array with the leading axes of length 1."""
+        """A 2D array (a volume: 3D) as a layer array with the leading axes of length 1."""
         return plane.reshape((1,) * len(self.lead) + plane.shape)
 
     def layer_kwargs(self, zoom: tuple[float, float] = (1.0, 1.0)) -> dict:
@@ -74,7 +82,7 @@ class Plane:
 
         k = len(self.lead)
         scale = np.asarray(self.scale, dtype=float)
-        z = np.asarray(zoom, dtype=float)
+        z = np.asarray(([1.0] if self.depth else []) + list(zoom), dtype=float)  # slices are not zoomed
         shift = np.concatenate([np.asarray(self.lead, dtype=float), z / 2.0 - 0.5])
         out: dict = {"affine": self.affine.copy()}
         linear = np.eye(self.ndim)
@@ -86,20 +94,23 @@ class Plane:
         return out
 
 
-def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[object, Plane]:
+def image_plane(layer, world_point: tuple[float, ...] | None = None, volume: bool = False
+                ) -> tuple[object, Plane]:
     """The 2D (or 2D + colour) data the user is looking at, and its :class:`Plane`.
 
     The last two spatial axes are the plane; leading axes (z, t, ...) are taken at
     ``world_point`` (the viewer's current position), rounded to the nearest slice.
     Multiscale layers give the same plane of every level (a pyramid the engine reads lazily).
+    With ``volume`` the last three spatial axes are taken whole (``Plane.depth`` slices).
     """
     rgb = bool(getattr(layer, "rgb", False))
     levels = list(layer.data) if layer.multiscale else [layer.data]
     shape = tuple(int(s) for s in levels[0].shape)
     spatial = shape[:-1] if rgb else shape
-    if len(spatial) < 2:
-        raise ValueError(f"layer {layer.name!r} has shape {shape}: need at least 2 spatial axes")
-    k = len(spatial) - 2
+    need = 3 if volume else 2
+    if len(spatial) < need:
+        raise ValueError(f"layer {layer.name!r} has shape {shape}: need at least {need} spatial axes")
+    k = len(spatial) - need
     lead: tuple[int, ...] = ()
     if k:
         if world_point is None:
@@ -111,7 +122,8 @@ def image_plane(layer, world_point: tuple[float, ...] | None = None) -> tuple[ob
                   translate=tuple(float(t) for t in layer.translate),
                   affine=np.asarray(layer.affine.affine_matrix, dtype=float),
                   hw=(int(spatial[-2]), int(spatial[-1])),
-                  rotate=np.asarray(layer.rotate, dtype=float), shear=np.asarray(layer.shear, dtype=float))
+                  rotate=np.asarray(layer.rotate, dtype=float), shear=np.asarray(layer.shear, dtype=float),
+                  depth=int(spatial[-3]) if volume else 0)
     return (planes if layer.multiscale else planes[0]), plane
 
 
@@ -123,7 +135,7 @@ def boxes_to_rectangles(boxes: np.ndarray, plane: Plane) -> list[np.ndarray]:
     return list(np.concatenate([lead, corners], axis=2))
 
 
-def _bounds(shapes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shape_bounds(shapes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per shape (last two columns y, x): lowest and highest corner, and whether every vertex lies
     on those bounds (an axis-aligned rectangle). Shapes with the same number of vertices are done
     at once: 15,000 boxes take milliseconds, not the seconds of a per-shape loop."""
@@ -145,7 +157,7 @@ def snap_to_pixels(shapes: list[np.ndarray]) -> np.ndarray:
 
     A corner at pixel border ``j - 0.5`` becomes index ``j``; nothing is clipped here.
     """
-    lo, hi, _ = _bounds(shapes)
+    lo, hi, _ = shape_bounds(shapes)
     return np.round(np.concatenate([lo, hi], axis=1) + 0.5)
 
 
@@ -169,7 +181,7 @@ def rectangles_to_boxes(shapes: list[np.ndarray], shape_types: list[str], hw: tu
     """
     if len(shapes) != len(shape_types):
         raise ValueError(f"{len(shapes)} shapes but {len(shape_types)} shape types")
-    lo, hi, aligned = _bounds(shapes)
+    lo, hi, aligned = shape_bounds(shapes)
     raw = np.round(np.concatenate([lo, hi], axis=1) + 0.5)
     odd = int(np.sum((np.asarray(shape_types, dtype=object) != RECTANGLE) | ~aligned)) if len(shapes) else 0
     inside = (raw[:, 0] >= 0) & (raw[:, 1] >= 0) & (raw[:, 2] <= hw[0]) & (raw[:, 3] <= hw[1])
@@ -181,8 +193,9 @@ def rectangles_to_boxes(shapes: list[np.ndarray], shape_types: list[str], hw: tu
     return ShapeBoxes(boxes, rows, odd, int((~inside).sum()) - dropped, dropped)
 
 
-def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.ndarray]:
-    """Vertices of every shape in the image's data coordinates (last two axes).
+def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane, axes: int = 2) -> list[np.ndarray]:
+    """Vertices of every shape in the image's data coordinates (the last ``axes`` axes: y, x; or
+    z, y, x for a volume).
 
     A boxes layer made by this plugin shares the image's transform (fast path); any other
     Shapes layer (e.g. boxes read from a CSV) is mapped through world coordinates.
@@ -195,7 +208,7 @@ def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.n
             and (plane.rotate is None or (np.allclose(shapes_layer.rotate, plane.rotate)
                                           and np.allclose(shapes_layer.shear, plane.shear))))
     if same:
-        return [np.asarray(v, dtype=float)[:, -2:] for v in data]
+        return [np.asarray(v, dtype=float)[:, -axes:] for v in data]
     out = []
     for verts in data:
         pts = []
@@ -203,7 +216,7 @@ def shapes_in_image_pixels(shapes_layer, image_layer, plane: Plane) -> list[np.n
             world = np.asarray(shapes_layer.data_to_world(tuple(v)), dtype=float)
             if image_layer.ndim > len(world):  # a 2D boxes layer over an nD image: same plane
                 world = np.concatenate([np.zeros(image_layer.ndim - len(world)), world])
-            pts.append(np.asarray(image_layer.world_to_data(tuple(world)), dtype=float)[-2:])
+            pts.append(np.asarray(image_layer.world_to_data(tuple(world)), dtype=float)[-axes:])
         out.append(np.array(pts))
     return out
 

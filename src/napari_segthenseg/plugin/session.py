@@ -1,8 +1,9 @@
 """One segmentation session: an image plane, its three result layers, and what the widget asks of it.
 
 :class:`Session` is the interface the widget talks to; :class:`~.image_session.ImageSession`
-(ordinary images, results in memory) and :class:`~.slide_session.SlideSession` (slides, results
-in an on-disk pyramid) implement it. A session makes :class:`Job` s (the work, run in a worker
+(ordinary images, results in memory), :class:`~.slide_session.SlideSession` (slides, results
+in an on-disk pyramid) and :class:`~.volume_session.VolumeSession` (a 3D image segmented whole
+with 3D boxes) implement it. A session makes :class:`Job` s (the work, run in a worker
 thread, and how to show its :class:`JobResult` on the UI thread), takes edits, saves, continues
 from saved results and forgets results when the model changes; the widget never asks which kind
 it has.
@@ -52,6 +53,7 @@ class JobResult:
     labels: np.ndarray | None = None  # in memory: the label image of the fused mask
     known: dict[Box, np.ndarray] = field(default_factory=dict)  # in memory: fine result per box
     store: object = None  # slides: a new on-disk segmentation (run, continue); None: edited in place
+    mask: np.ndarray | None = None  # volumes: the fused mask (an edit updates it where boxes changed)
     layers: dict[str, object] = field(default_factory=dict)  # slides: layers built in the worker
     regions: list = field(default_factory=list)  # slides: the regions re-segmented by an edit
     refined: int = 0  # boxes that went through the fine net
@@ -116,6 +118,7 @@ class Session:
         self.rough_layer: object = None
         self.boxes_layer: object = None
         self.seg_layer: object = None
+        self.new_box_span = 0  # volumes: slices above and below a box drawn by hand
 
     # -- what the widget asks (each kind answers) -------------------------------------------
     def run_job(self, make_engine: EngineFactory) -> Job:
@@ -166,6 +169,14 @@ class Session:
     def close(self) -> None:
         """The image went away: free what the session holds."""
 
+    def selected_z_range(self) -> tuple[int, int] | None:
+        """Volumes: the slices ``(z0, z1)`` of the one 3D box selected (None: no volume, none)."""
+        return None
+
+    def set_selected_z_range(self, z0: int, z1: int) -> bool:
+        """Volumes: give the selected 3D box slices ``z0`` to ``z1 - 1``; True if that is an edit."""
+        return False
+
     def take_over(self, old: Session) -> None:
         """Follow ``old`` on the same image (another slice or model): reuse its layers."""
         self.rough_layer, self.boxes_layer, self.seg_layer = old.rough_layer, old.boxes_layer, old.seg_layer
@@ -173,7 +184,7 @@ class Session:
     # -- shared layer handling -----------------------------------------------------------------
     def matches(self, image_layer: object, plane: Plane, model_key: str) -> bool:
         return (self.image_layer is image_layer and self.plane.lead == plane.lead
-                and self.plane.hw == plane.hw and self.model_key == model_key)
+                and self.plane.shape == plane.shape and self.model_key == model_key)
 
     def alive(self, layer: object) -> bool:
         return layer is not None and layer in self.viewer.layers

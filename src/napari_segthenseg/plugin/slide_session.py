@@ -25,7 +25,7 @@ from ..engine.boxio import read_boxes_csv, write_boxes_csv
 from ..engine.grid import CHUNK
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.localnorm import windows_fit
-from ..engine.progress import Progress
+from ..engine.progress import Progress, Steps
 from ..engine.slide import ChunkedOutput
 from .boxtable import BoxTable, Edit
 from .layers import BOXES_FILE_KEY, KIND, Plane, ShapeBoxes, rough_layer, seg_layer
@@ -45,7 +45,7 @@ from .slide_store import (
 )
 from .viewport import ID, NEW, BoxesView, view_region
 
-REFRESH_S = 1.0  # during a run the segmentation is redrawn at most this often
+REFRESH_S = 2.5  # during a run the segmentation is redrawn at most this often (each redraw: ~0.3 s of napari)
 
 
 def is_slide(layer: object, plane: Plane) -> bool:
@@ -83,6 +83,7 @@ class SlideSession(Session):
         self.view: BoxesView | None = None
         self.saved: Path | None = None  # a saved segmentation to continue from (copied first)
         self.saved_layer: object = None  # the layer showing it (replaced by the copy's layer)
+        self.boxes_file: Path | None = None  # a boxes file to read into the table (by the next job)
         self.view_of = lambda: view_region(self.viewer, self.image_layer, self.plane.hw)  # on screen
 
     def _source(self) -> ImageSource:
@@ -131,7 +132,7 @@ class SlideSession(Session):
                     shutil.rmtree(path, ignore_errors=True)
                     shutil.rmtree(rough_store, ignore_errors=True)
 
-        def redraw(_: Progress) -> None:
+        def on_progress(_: Progress) -> None:
             label = made.get("label")
             if label is None:
                 return
@@ -144,10 +145,10 @@ class SlideSession(Session):
                 redraw(made["layer"])
 
         def show(res: JobResult, edited: bool) -> list[UiStep]:
-            redraw(Progress("", 0, 0))  # the store's layer, if no report put it in place yet
+            on_progress(Progress("", 0, 0))  # the store's layer, if no report put it in place yet
             return self._show_run(res, edited, before)
 
-        return Job("run", steps, show, _run_status, on_progress=redraw,
+        return Job("run", steps, show, _run_status, on_progress=on_progress,
                    on_abort=lambda: self._put_back(made.get("layer"), before))
 
     def _put_back(self, shown: object, before: object) -> None:
@@ -211,9 +212,11 @@ class SlideSession(Session):
     # -- edits ---------------------------------------------------------------------------------------
     def update_job(self, make_engine: EngineFactory, got: ShapeBoxes) -> Job | None:
         st = self.slide
+        if st.label is None and self.saved is not None:
+            return self._continue_job(make_engine)
+        if self.boxes_file is not None:
+            return self._load_job()
         if st.label is None:
-            if self.saved is not None:
-                return self._continue_job(make_engine)
             self._ensure_store()
         edit = self._boxes_view().take_edits(got)
         return self._resegment_job(make_engine, edit)
@@ -277,14 +280,14 @@ class SlideSession(Session):
     def _continue_job(self, make_engine: EngineFactory) -> Job:
         """Continue from a saved segmentation: a working copy in the session folder (edits go to the
         copy, never to the saved file) and the image's intensity windows."""
-        source, store = self.saved, self.workdir.new(self.image_layer.name)
-        n_boxes = len(self.table)
+        source, store, boxes_file = self.saved, self.workdir.new(self.image_layer.name), self.boxes_file
 
         def steps():
             engine = make_engine()
             src = self._source()
             ok = False
             try:
+                table = (yield from self._read_table(boxes_file)) if boxes_file is not None else None
                 label, top = yield from copy_saved(source, store, src.hw)
                 stats = load_windows(label)
                 plan = engine.plan(src.hw)
@@ -295,13 +298,13 @@ class SlideSession(Session):
                     stats = engine.image_stats(src)
                     save_windows(label, stats)
                 ok = True
-                return JobResult(NO_BOXES, stats, store=label, next_label=top)
+                return JobResult(NO_BOXES, stats, store=label, next_label=top, table=table)
             finally:
                 if not ok:
                     shutil.rmtree(store, ignore_errors=True)
 
         return Job("continue", steps, self._show_continue,
-                   lambda res, t: f"continuing: {n_boxes} boxes on {res.store.path.name}")
+                   lambda res, t: f"continuing: {len(self.table):,} boxes on {res.store.path.name}")
 
     def _show_continue(self, res: JobResult, edited: bool) -> list[UiStep]:
         def show() -> None:
@@ -313,6 +316,9 @@ class SlideSession(Session):
             st = self.slide
             st.label, st.next_label, st.pending = res.store, res.next_label, NO_BOXES.copy()
             self.stats, self.saved, self.saved_layer = res.stats, None, None
+            if res.table is not None:  # the boxes file, read with the segmentation
+                self.boxes_file = None
+                self._use_table(res.table, self.boxes_layer)
             self.show_seg(res.store, replace=True)
 
         return [show]
@@ -320,28 +326,56 @@ class SlideSession(Session):
     # -- boxes ------------------------------------------------------------------------------------------
     def adopt_boxes_layer(self, layer: object) -> None:
         """A boxes layer picked by the user (e.g. read from a boxes CSV) holds the boxes now: all of
-        them go into the table (from the file when it was too large to show), the layer shows those
-        near the view. Where they differ from the boxes the store was made with, it is stale."""
+        them go into the table, the layer shows those near the view. A file too large to have been
+        drawn whole is read by the next job (a million rows take seconds: not on the UI thread)."""
         super().adopt_boxes_layer(layer)
         if self.view is not None and self.view.layer is layer:
             return
         path = (layer.metadata or {}).get(BOXES_FILE_KEY)
         if path:
-            boxes = read_boxes_csv(path)
-            keep = NO_BOXES
-        else:
-            keep = self.read_boxes()
-            boxes = keep.boxes
-        boxes = clip_boxes(boxes, self.plane.hw)
-        if self.slide.label is not None and len(self.table):
-            self.slide.pending = np.concatenate([self.slide.pending, changed_boxes(self.table.all(), boxes)])
-        self.table = BoxTable(boxes)
+            self.boxes_file, self.view = Path(path), None
+            return
+        got = self.read_boxes()
         ids = np.full(len(layer.data), NEW, np.int64)
-        if not path and keep.rows is not None:
-            ids[keep.rows] = np.arange(len(keep.rows))
-        layer.features = {ID: ids}
-        layer.feature_defaults = {ID: NEW}
+        if got.rows is not None:
+            ids[got.rows] = np.arange(len(got.rows))
+        self._use_table(BoxTable(got.boxes), layer, ids)
+
+    def _use_table(self, table: BoxTable, layer: object, ids: np.ndarray | None = None) -> None:
+        """``table`` holds the boxes from now on; the boxes layer's rectangles carry ``ids`` (none: the
+        layer is emptied and follows the view). Where the boxes differ from those the store was made
+        with, the store is stale."""
+        st = self.slide
+        if st.label is not None and len(self.table):
+            st.pending = np.concatenate([st.pending, changed_boxes(self.table.all(), table.all())])
+        self.table = table
+        if ids is None:
+            self._clear_boxes_layer()
+        else:
+            layer.features = {ID: ids}
+            layer.feature_defaults = {ID: NEW}
         self.view = BoxesView(self.table, layer, self.plane, self.view_of)
+
+    def _read_table(self, path: Path) -> Steps[BoxTable]:
+        yield Progress(f"reading {path.name}", 0, 1)
+        return BoxTable(clip_boxes(read_boxes_csv(path), self.plane.hw))
+
+    def _load_job(self) -> Job:
+        """Read a boxes file into the table (in the worker)."""
+        path = self.boxes_file
+
+        def steps():
+            return JobResult(NO_BOXES, self.stats, table=(yield from self._read_table(path)))
+
+        def show(res: JobResult, edited: bool) -> list[UiStep]:
+            def use() -> None:
+                self.boxes_file = None
+                self._use_table(res.table, self.boxes_layer)
+
+            return [use]
+
+        return Job("read boxes", steps, show, lambda res, t: f"{len(res.table):,} boxes from {path.name}, "
+                                                             f"{t:.1f} s")
 
     def _boxes_view(self) -> BoxesView:
         layer = self.ensure_boxes_layer()

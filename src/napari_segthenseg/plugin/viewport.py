@@ -137,7 +137,7 @@ class BoxesView:
     def _add(self, ids: np.ndarray) -> None:
         before = self.layer_ids()
         # an edit may have taken some away meanwhile, a later follow may have added them already
-        ids = ids[np.isin(ids, self.table.ids) & ~np.isin(ids, before)]
+        ids = ids[self.table.has(ids) & ~np.isin(ids, before)]
         if not len(ids):
             return
         self.layer.add_rectangles(boxes_to_rectangles(self.table.boxes_of(ids), self.plane),
@@ -163,10 +163,10 @@ class BoxesView:
         again = np.ones(len(row_ids), bool)
         again[first] = False
         row_ids[again & (row_ids >= 0)] = NEW  # a pasted copy keeps its source's id: it is a new box
-        row_ids[~np.isin(row_ids, self.table.ids)] = NEW  # e.g. a copy of a box an undo took away
+        row_ids[~self.table.has(row_ids)] = NEW  # e.g. a copy of a box an undo took away
         known = row_ids >= 0
         removed = np.setdiff1d(self.shown, row_ids[known])
-        removed = removed[np.isin(removed, self.table.ids)]
+        removed = removed[self.table.has(removed)]
         changed = dict(zip(row_ids[known].tolist(), got.boxes[known], strict=True))
         added = got.boxes[~known] if (~known).any() else NO_BOXES
         edit = self.table.edit(removed, changed, added)

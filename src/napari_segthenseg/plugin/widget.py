@@ -2,7 +2,8 @@
 
 The widget builds the panel and routes events; what a Run or an edit means is the session's
 (:mod:`.session`: :class:`~.image_session.ImageSession` for ordinary images,
-:class:`~.slide_session.SlideSession` for slides). Each job runs in a ``thread_worker``, one at
+:class:`~.slide_session.SlideSession` for slides, :class:`~.volume_session.VolumeSession` for
+3D images segmented whole). Each job runs in a ``thread_worker``, one at
 a time, with progress and Cancel; its result is put in place one step per event-loop turn.
 Edits made while a job runs mark the boxes dirty and are segmented as soon as it finishes, so
 the latest state always wins.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, PushButton, SpinBox
 from napari.layers import Image, Labels, Shapes
 from napari.layers.base import ActionType
 from napari.qt.threading import create_worker
@@ -35,20 +36,23 @@ from ..engine import (
     resolve_device,
 )
 from ..engine.grid import CHUNK
-from ..engine.image import ImageSource
+from ..engine.image import ImageSource, VolumeSource
 from ..engine.progress import Progress
 from ..engine.scale import plan_rough
 from .image_session import ImageSession
 from .layers import PIXEL_SIZE_KEY, image_plane
 from .session import CANCELLED, EngineFactory, Job, JobFailed, Session, run_in_worker
 from .slide_session import SlideSession, Workdir, is_slide
+from .volume_session import NEW_BOX_SPAN, VolumeSession
 
 AUTO, BY_HAND = "rough net finds boxes", "boxes by hand"
+WHOLE_VOLUME, THIS_SLICE = "whole volume", "this slice only"
+TIME_LABELS = ("t", "time", "frame", "frames")  # axis labels of a time series
 _FINISHED_EDITS = (ActionType.ADDED, ActionType.REMOVED, ActionType.CHANGED)
 DEBOUNCE_MS = 150
 VIEW_MS = 150  # the camera rests this long before the boxes layer follows it
 PROGRESS_INTERVAL_S = 0.1
-PROGRESS_AFTER_S = 0.5  # napari's progress bar costs the UI thread ~0.1 s to make: only for long jobs
+PROGRESS_AFTER_S = 3.0  # napari's progress bar costs the UI thread 0.3-1 s to make here: only for long jobs
 
 
 class SegThenSegWidget(Container):
@@ -103,6 +107,16 @@ class SegThenSegWidget(Container):
             label="segmentation layer", choices=self._layer_choices(Labels), nullable=True, value=None,
             tooltip="Slides only: a saved OME-Zarr segmentation of this slide to continue with the boxes "
                     "layer (edits then re-segment only what they touch); empty: segment the boxes anew")
+        self.volume = ComboBox(
+            label="3D image", choices=[WHOLE_VOLUME, THIS_SLICE], value=WHOLE_VOLUME,
+            tooltip="A 3D image: segment the whole volume with 3D boxes, or only the slice on screen")
+        self.z_span = SpinBox(label="new box ± slices", value=NEW_BOX_SPAN, min=0, max=10000,
+                              tooltip="A box drawn by hand on a volume spans this many slices above "
+                                      "and below its slice")
+        self.z_from = SpinBox(label="box slices", min=0, max=10**6, enabled=False,
+                              tooltip="First slice of the selected 3D box")
+        self.z_to = SpinBox(label="to", min=0, max=10**6, enabled=False,
+                            tooltip="Last slice of the selected 3D box")
         self.live = CheckBox(text="re-segment boxes when edited", value=True)
         self.run_button = PushButton(text="Run")
         self.segment_button = PushButton(text="Segment boxes", tooltip="Segment the boxes layer now "
@@ -115,7 +129,9 @@ class SegThenSegWidget(Container):
         self.status = Label(label="", value="")
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
-            self.rough_scale, self.pixel_size, self.scale_info, self.segmentation, self.live, self.run_button,
+            self.rough_scale, self.pixel_size, self.scale_info, self.segmentation, self.volume, self.z_span,
+            Container(widgets=[self.z_from, self.z_to], layout="horizontal", labels=True, label="z-range"),
+            self.live, self.run_button,
             self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status])
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
@@ -142,6 +158,9 @@ class SegThenSegWidget(Container):
         self.rough_scale.changed.connect(self._show_scale)
         self.pixel_size.changed.connect(self._show_scale)
         self.segmentation.changed.connect(self._on_segmentation_chosen)
+        self.z_span.changed.connect(self._on_z_span)
+        self.z_from.changed.connect(self._on_z_range)
+        self.z_to.changed.connect(self._on_z_range)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         if bundled_model_path().is_file():
             self.model.value = DEFAULT_MODEL_NAME  # the bundled model is used by default
@@ -293,14 +312,18 @@ class SegThenSegWidget(Container):
         if layer is None:
             show_error("Segment-then-Segment: open an image first.")
             return None
-        n = self.viewer.dims.ndim
-        if self.viewer.dims.ndisplay != 2 or tuple(self.viewer.dims.displayed) != (n - 2, n - 1):
+        volume = self.volume.value == WHOLE_VOLUME and is_volume(layer)
+        n, shown = self.viewer.dims.ndim, tuple(self.viewer.dims.displayed)
+        # A volume is segmented whole in either view; a plane only where it is the one on screen.
+        if shown != tuple(range(n - self.viewer.dims.ndisplay, n)) or not (
+                self.viewer.dims.ndisplay == 2 or (volume and self.viewer.dims.ndisplay == 3)):
             show_error("Segment-then-Segment works on the plane of the last two axes: switch the viewer "
                        "to 2D and reset the axis order (transposed views are not supported).")
             return None
         try:
-            data, plane = image_plane(layer, tuple(self.viewer.dims.point))
-            ImageSource(data)  # validates shape and dtype; channel mismatches surface from the engine
+            data, plane = image_plane(layer, tuple(self.viewer.dims.point), volume=volume)
+            # validates shape and dtype; channel mismatches surface from the engine
+            VolumeSource(data) if volume else ImageSource(data)
         except ValueError as exc:
             show_error(f"Segment-then-Segment: unsupported image {layer.name!r}: {exc}")
             return None
@@ -309,8 +332,13 @@ class SegThenSegWidget(Container):
             old.data = data
             return model, old
         args = (self.viewer, layer, plane, data, self._model_key)
-        session = (SlideSession(*args, workdir=self._workdir, chunk=self.slide_chunk)
-                   if is_slide(layer, plane) else ImageSession(*args))
+        if volume:
+            session = VolumeSession(*args)
+            session.new_box_span = int(self.z_span.value)
+        elif is_slide(layer, plane):
+            session = SlideSession(*args, workdir=self._workdir, chunk=self.slide_chunk)
+        else:
+            session = ImageSession(*args)
         if old is not None and old.image_layer is layer:  # same image, other slice/model: reuse layers
             session.take_over(old)
         self._adopt(session)
@@ -324,6 +352,8 @@ class SegThenSegWidget(Container):
         if session is not None and session.boxes_layer is not None:
             with contextlib.suppress(TypeError, ValueError):
                 session.boxes_layer.events.data.disconnect(self._on_boxes_edited)
+            with contextlib.suppress(TypeError, ValueError):
+                session.boxes_layer.events.highlight.disconnect(self._on_box_selection)
 
     def _adopt(self, session: Session) -> None:
         """Make ``session`` the current one and listen to its boxes layer (edits, and Ctrl+Z)."""
@@ -333,6 +363,7 @@ class SegThenSegWidget(Container):
         if session.boxes_layer is not None:
             session.boxes_layer.events.data.connect(self._on_boxes_edited)
             session.boxes_layer.bind_key("Control-Z", lambda _layer: self.undo(), overwrite=True)
+            session.boxes_layer.events.highlight.connect(self._on_box_selection)
 
     def _engine_factory(self, model: StSModel) -> EngineFactory:
         """Builds the job's engine (in the worker): the model on the chosen device and rough scale."""
@@ -664,6 +695,45 @@ class SegThenSegWidget(Container):
         elif event.value is session.boxes_layer:
             session.boxes_layer = None
 
+    # -- volumes: z-ranges of 3D boxes ----------------------------------------------------------
+    def _on_z_span(self, value: int) -> None:
+        if self._session is not None:
+            self._session.new_box_span = int(value)
+
+    def _on_box_selection(self, _event=None) -> None:
+        """Show the z-range of the selected 3D box (a volume's boxes layer), or disable the fields."""
+        session = self._session
+        if self._quiet:  # our own redraw selects rectangles to remove them
+            return
+        span = session.selected_z_range() if session is not None else None
+        with self.z_from.changed.blocked(), self.z_to.changed.blocked():
+            self.z_from.enabled = self.z_to.enabled = span is not None
+            if span is not None:
+                self.z_from.max = self.z_to.max = session.plane.depth - 1
+                self.z_from.value, self.z_to.value = span[0], span[1] - 1
+
+    def _on_z_range(self, _value=None) -> None:
+        """The z-range fields changed: the selected 3D box spans those slices, segmented as an edit."""
+        session = self._session
+        if session is None:
+            return
+        with self._quietly():
+            changed = session.set_selected_z_range(int(self.z_from.value), int(self.z_to.value) + 1)
+        if changed and self.live.value:
+            self.update_boxes()
+        elif changed:
+            self._dirty = True
+
     def current_boxes(self) -> np.ndarray:
         """The boxes the widget would segment now (image pixels)."""
         return self._session.all_boxes() if self._session else np.zeros((0, 4), np.int64)
+
+
+def is_volume(layer: object) -> bool:
+    """Whether an image layer has three or more spatial axes (a volume, or a stack of them) whose
+    third-last is not labelled as time (napari's ``axis_labels``: a time series is segmented a
+    frame at a time)."""
+    shape = (layer.data[0] if layer.multiscale else layer.data).shape
+    n = len(shape) - (1 if getattr(layer, "rgb", False) else 0)
+    labels = [str(a).lower() for a in getattr(layer, "axis_labels", ())]  # one per spatial axis
+    return n >= 3 and not (len(labels) >= 3 and labels[-3] in TIME_LABELS)
