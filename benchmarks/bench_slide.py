@@ -96,9 +96,10 @@ class FieldsMask:
 def fields_one_by_one(args: argparse.Namespace) -> None:
     """Child process: segment each placed field alone; write pooled counts and time to --json."""
     sys.path.insert(0, str(HERE))
+    import tifffile
     import torch
 
-    from make_slide import transformed
+    from make_slide import field_image, transformed
     from napari_segthenseg.engine import Engine, load_model
     from napari_segthenseg.engine.reader import read_image
 
@@ -107,13 +108,15 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
     engine = Engine(load_model(args.model), args.device)
     rows = placements(args.slide)
     data = Path(args.data)
+    with tifffile.TiffFile(args.slide) as tf:
+        stain = "brightfield" if len(tf.series[0].shape) == 3 else "fluorescence"  # RGB: bright-field
     tot = {"tp": 0, "fp": 0, "fn": 0, "boxes": 0, "fine_px": 0, "rough_px": 0}
     t0 = time.perf_counter()
     for r in rows:
         img = read_image(data / "images" / f"{r['stem']}.png")  # decoding is part of the job
         gt = read_image(data / "masks" / f"{r['stem']}.png") > 0
-        gray = img[..., 0] if img.ndim == 3 else img
-        im, m = transformed(type("F", (), {"image": gray, "mask": gt})(), int(r["rot90"]), r["flip"] == "1")
+        field = field_image(img, stain)  # as make_slide placed it (gray, or RGB for bright-field)
+        im, m = transformed(type("F", (), {"image": field, "mask": gt})(), int(r["rot90"]), r["flip"] == "1")
         oy, ox, h, w = (int(r.get(k, 0)) for k in ("oy", "ox", "h", "w"))  # a field cut to fit (dense slides)
         im, m = im[oy:oy + h, ox:ox + w], m[oy:oy + h, ox:ox + w]
         res = engine.segment(im)
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-threads", type=int, default=2, help="segthenseg-predict --threads")
     p.add_argument("--workers", type=int, default=None, help="segthenseg-predict --workers (dask cluster)")
     p.add_argument("--skip-fields", action="store_true", help="only the slide (e.g. for the largest one)")
+    p.add_argument("--predict-args", default="", metavar="ARGS",
+                   help="more segthenseg-predict options for the slide, e.g. '--group-zoom 0'")
     p.add_argument("--no-heap-fix", action="store_true",
                    help="keep the free heap after chunks (SEGTHENSEG_HEAP_FIX=0): compare peak RSS")
     p.add_argument("--json", type=Path, required=True, help="write the results here")
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                "--report", str(report), "--threads", str(args.chunk_threads)]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
+        cmd += args.predict_args.split()
+        result["load_before"] = os.getloadavg()
         slide = run_child(cmd, env)
         rep = json.loads(report.read_text().splitlines()[-1])
         h, w = rep["hw"]
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             result["fields"] = fields
             result["slide_vs_fields"] = {"dsc_difference": slide["dsc"] - fields["dsc"],
                                          "time_ratio": slide["wall_s"] / fields["wall_s"]}
+    result["load_after"] = os.getloadavg()
     net_px = slide["counts"].get("rough_px", 0) + slide["counts"].get("fine_px", 0)
     tiles = math.ceil(h / size) * math.ceil(w / size)
     half = (math.ceil((h - size) / (size / 2)) + 1) * (math.ceil((w - size) / (size / 2)) + 1)

@@ -157,3 +157,35 @@ def test_viewer_opens_predict_outputs_as_labels_and_shapes(make_napari_viewer, t
         assert isinstance(img, Image)  # napari's reader stays available by name
     finally:
         settings.plugins.extension2reader = before
+
+
+def test_napari_opens_and_saves_qupath_geojson(make_napari_viewer, tmp_path):
+    """Boxes and a segmentation saved as GeoJSON with napari's own save, opened back with the plugin:
+    the rectangles are the same boxes, the detections' outlines rasterise back onto the labels."""
+    from napari_segthenseg.engine.geojson import rasterize, read_features
+
+    viewer = make_napari_viewer()
+    plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(300, 300))
+    boxes = viewer.add_shapes(boxes_to_rectangles(BOXES, plane), shape_type="rectangle", name="cells boxes")
+    labels = np.zeros((60, 80), np.uint16)
+    labels[5:15, 10:30] = 1
+    labels[20:30, 40:50] = 2
+    labels[24:27, 43:46] = 0  # a hole
+    seg = viewer.add_labels(labels, name="cells segmentation")
+    viewer.layers.selection = {boxes}
+    [bpath] = viewer.layers.save(str(tmp_path / "cells_boxes.geojson"), selected=True)
+    viewer.layers.selection = {seg}
+    [spath] = viewer.layers.save(str(tmp_path / "cells.geojson"), selected=True)
+    feats = read_features(spath)
+    assert [f["objectType"] for f in feats] == ["detection", "detection"]
+    np.testing.assert_array_equal(rasterize(feats, labels.shape), labels)
+    [loaded] = viewer.open(str(bpath), plugin="napari-segthenseg")
+    assert loaded.name == "cells_boxes" and set(loaded.shape_type) == {"rectangle"}
+    back = rectangles_to_boxes(list(loaded.data), list(loaded.shape_type), plane.hw)
+    np.testing.assert_array_equal(back.boxes, BOXES)
+    [objects] = viewer.open(str(spath), plugin="napari-segthenseg")  # detections: polygons
+    assert objects.name == "cells objects" and list(objects.shape_type) == ["polygon", "polygon"]
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": 3}')
+    with pytest.raises(ValueError, match="'features' is not a list"):
+        viewer.open(str(bad), plugin="napari-segthenseg")

@@ -33,9 +33,11 @@ def test_napari_plugin_manager_finds_the_contributions():
 
     assert [r.filename_patterns for r in contrib.readers] == [["*.boxes.csv"],
                                                               [f"*{s}" for s in LABEL_SUFFIXES],
+                                                              ["*.geojson"],
                                                               [f"*{e}" for e in TIFF_EXTENSIONS]]
-    assert [w.filename_extensions for w in contrib.writers] == [[".boxes.csv"], [".ome.zarr", ".zarr"]]
-    assert [w.layer_types for w in contrib.writers] == [["shapes"], ["labels"]]
+    assert [w.filename_extensions for w in contrib.writers] == [[".boxes.csv"], [".ome.zarr", ".zarr"],
+                                                                [".geojson"], [".geojson"]]
+    assert [w.layer_types for w in contrib.writers] == [["shapes"], ["labels"], ["shapes"], ["labels"]]
 
 
 def test_npe2_validate_passes():

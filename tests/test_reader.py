@@ -153,3 +153,39 @@ def test_jpeg_tiled_rgb_slide_svs_style(tmp_path, monkeypatch):
         assert opened.kind == "SVS" and opened.lazy and opened.shape == (1024, 1536, 3)
         region = np.asarray(opened.levels[0][300:364, 300:364])
         assert np.abs(region.astype(int) - smooth[300:364, 300:364]).mean() < 4  # lossy, but the image
+
+
+def test_pixel_size_is_read_from_each_format(tmp_path):
+    """µm per pixel from OME-XML, Aperio's MPP, TIFF resolution in cm (NDPI's way), ImageJ and NGFF."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscale
+
+    img = RNG.integers(0, 255, (256, 320), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.ome.tif", img, metadata={
+        "axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeYUnit": "µm"})
+    tifffile.imwrite(tmp_path / "nm.ome.tif", img, metadata={
+        "axes": "YX", "PhysicalSizeX": 500, "PhysicalSizeY": 500, "PhysicalSizeXUnit": "nm",
+        "PhysicalSizeYUnit": "nm"})
+    tifffile.imwrite(tmp_path / "b.svs", img, description="Aperio Image Library v12.0.5\r\n320x256 "
+                     "[0,0 320x256] (256x256) JPEG/RGB Q=70|AppMag = 40|StripeWidth = 2040|MPP = 0.2527")
+    # NDPI: pixels per centimetre in the resolution tags (and its private tag 65420)
+    tifffile.imwrite(tmp_path / "c.tif", img, resolution=(1e4 / 0.4416, 1e4 / 0.4416),
+                     resolutionunit="CENTIMETER", extratags=[(65420, 4, 1, 1, False)])
+    tifffile.imwrite(tmp_path / "d.tif", img, imagej=True, resolution=(1 / 0.325, 1 / 0.325),
+                     metadata={"unit": "micron"})
+    tifffile.imwrite(tmp_path / "plain.tif", img, resolution=(72, 72))  # 72 dpi: any editor's default
+    iio.imwrite(tmp_path / "e.png", img)
+    group = zarr.open_group(str(tmp_path / "f.ome.zarr"), mode="w", zarr_format=2)
+    axes = [{"name": a, "type": "space", "unit": "micrometer"} for a in "yx"]
+    write_multiscale([img, img[::2, ::2]], group, fmt=FormatV04(), axes=axes,
+        coordinate_transformations=[[{"type": "scale", "scale": [0.5, 0.5]}],
+                                    [{"type": "scale", "scale": [1.0, 1.0]}]])
+    expected = {"a.ome.tif": 0.25, "nm.ome.tif": 0.5, "b.svs": 0.2527, "c.tif": 0.4416, "d.tif": 0.325,
+                "plain.tif": None, "e.png": None, "f.ome.zarr": 0.5}
+    for name, size in expected.items():
+        with open_image(tmp_path / name) as opened:
+            assert opened.pixel_size == pytest.approx(size) if size else opened.pixel_size is None, name
+            if size:
+                assert f"{size:.4g} µm/px" in opened.describe()

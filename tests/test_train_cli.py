@@ -64,9 +64,10 @@ def test_both_stages_write_model_metrics_log(tiny_data, tmp_path, dsb_image):
 def test_rough_stage_then_fine_stage_from_init(tiny_data, tmp_path):
     rough_out, fine_out = tmp_path / "rough", tmp_path / "fine"
     assert main([str(tiny_data), "--out", str(rough_out), "--stage", "rough", "--epochs", "1",
-                 "--select-on", "val", *TINY]) == 0
+                 "--select-on", "val", "--pixel-size", "0.5", *TINY]) == 0
     m = load_model(rough_out / "model.pt")
     assert m.rough is not None and m.fine is None and m.settings.notes["selection_images"] == 2
+    assert m.settings.pixel_size == 0.5 and "at 0.5 µm/px" in m.describe()  # the training data's µm/px
     assert main([str(tiny_data), "--out", str(fine_out), "--stage", "fine", "--epochs", "1",
                  "--init", str(rough_out / "model.pt"), "--workers", "1", *TINY]) == 0  # crops in a worker
     both = load_model(fine_out / "model.pt")

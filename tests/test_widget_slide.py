@@ -110,7 +110,8 @@ def ran(make_napari_viewer, qtbot, slide_path, default_model):
 
 @pytest.fixture
 def chunk_calls(monkeypatch):
-    """Every output region the engine fuses, with how many boxes it refined for it."""
+    """Every output region the engine fuses, with how many boxes it refined for it (each box is
+    refined by one region, the others get their parts of it)."""
     calls: list[tuple[tuple[int, int, int, int], int]] = []
     segment_chunk = engine_slide.segment_chunk
 
@@ -327,7 +328,8 @@ def test_boxes_by_hand_on_a_slide(make_napari_viewer, qtbot, slide_path, referen
     assert not np.asarray(seg.data[0][:]).any()
     boxes_layer.add_rectangles([np.array([[299.5, 599.5], [339.5, 649.5]])])
     _wait(qtbot, widget)
-    assert [n for _, n in chunk_calls] == [1] * len(chunk_calls)  # only the drawn box, once per chunk
+    # only the drawn box, refined once (by the chunk of its centre) whatever chunks it touches
+    assert sorted(n for _, n in chunk_calls) == [0] * (len(chunk_calls) - 1) + [1]
     fused = {(r[0] // CHUNK, r[1] // CHUNK) for r, _ in chunk_calls}
     assert fused == _chunks_of(np.array([300, 600, 340, 650]))
     assert_same_mask(_level0(widget), run(engine.walk(src, boxes=widget.current_boxes())).mask)
@@ -453,7 +455,7 @@ def test_slide_labels_are_the_ids_predict_writes(ran, slide_path, tmp_path):
     shown = _level0(widget)
     assert shown.dtype == np.uint32 and shown.max() > 40
     args = ["--model", "default", "--device", "cpu", "--rough-scale", str(SCALE), "--chunk", str(CHUNK),
-            "--format", "ome-zarr"]
+            "--format", "ome-zarr", "--group-zoom", "0"]  # the plugin gives each box its own crop
     assert main([*args, "--labels", str(slide_path), "--out", str(tmp_path / "o")]) == 0
     written = omezarr.open_label_image(tmp_path / "o" / "canvas_labels.ome.zarr")
     for ours, theirs in zip(label.levels, written.levels, strict=True):
@@ -489,6 +491,34 @@ def test_a_boxes_file_too_large_to_show_continues_from_the_table(ran, make_napar
     np.testing.assert_array_equal(widget2.current_boxes(), widget.current_boxes())
     assert len(boxes2.data) == len(widget.current_boxes())  # the whole slide is in view here
     np.testing.assert_array_equal(_level0(widget2), _level0(widget))
+
+
+def test_the_panel_shows_the_pixel_size_and_lets_the_user_override_it(make_napari_viewer, tmp_path,
+                                                                         default_model):
+    """A 0.25 µm/px slide (OME metadata) and a model trained at 0.5 µm/px: tiles at twice the trained
+    scale; the panel's pixel size overrides the file's, and the job's engine gets it."""
+    import dataclasses
+
+    from napari_segthenseg.engine import save_model
+    from napari_segthenseg.engine.modelfile import StSModel
+
+    path = tmp_path / "fine.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        opts = {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}
+        meta = {"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+        tw.write(np.zeros((4096, 4096), np.uint8), subifds=1, metadata=meta, **opts)
+        tw.write(np.zeros((2048, 2048), np.uint8), subfiletype=1, **opts)
+    model = StSModel(dataclasses.replace(default_model.settings, pixel_size=0.5), default_model.rough,
+                     default_model.fine)
+    model_path = save_model(model, tmp_path / "at_half_um.pt")
+    viewer, layer, widget = _open(make_napari_viewer, path, rough=None)
+    assert widget.load_model_file(model_path)
+    assert widget.pixel_size_value == 0.25
+    assert "tiles at 8 px per rough px" in widget.scale_info.value
+    assert "0.25 µm/px (trained at 0.5 µm/px: 2 µm per rough px)" in widget.scale_info.value
+    widget.pixel_size.value = 0.5  # the user knows better than the file
+    assert "tiles at 4 px per rough px" in widget.scale_info.value
+    assert widget._engine_factory(model)().pixel_size == 0.5
 
 
 def test_the_segmentation_shows_while_the_run_writes_it(make_napari_viewer, qtbot, slide_path, monkeypatch):

@@ -43,9 +43,9 @@ def opened(make_napari_viewer, model_file):
         engine = Engine(make_threshold_model(S), device)
         cut = engine.crops
 
-        def spy(image, boxes, stats, region=None):
+        def spy(image, boxes, *args, **kwargs):
             crops.append(np.asarray(boxes).copy())
-            return cut(image, boxes, stats, region)
+            return cut(image, boxes, *args, **kwargs)
 
         engine.crops = spy
         return engine

@@ -62,6 +62,7 @@ class TrainConfig:
     min_box: int = MIN_BOX
     normalisation: str = "minmax"
     val_crops_per_image: int = 8
+    pixel_size: float | None = None  # µm per pixel of the training images (recorded in the model)
     augment: bool = True
     stain_jitter: float = 0.0  # probabilities of the colour augmentations (augment.py), 0 = off
     colour_jitter: float | None = 0.0  # None (a fine-tune): its regime's
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError("--workers and --threads cannot be negative")
         if self.pad is not None and self.pad < 0:
             raise ValueError("--pad cannot be negative")
+        if self.pixel_size is not None and not 0 < self.pixel_size < float("inf"):
+            raise ValueError("--pixel-size must be a positive number of µm per pixel")
         try:
             resolve_device(self.device)  # "cuda:1" is fine; an unknown or absent device is not
         except ValueError as exc:
@@ -185,6 +188,10 @@ OPTIONS: dict[str, Option] = {
     "normalisation": Option("intensity normalisation (stored in the model)", choices=NORMALISATIONS),
     "val_crops_per_image": Option("fixed objects per selection image for the fine stage's validation Dice",
                                   metavar="N"),
+    "pixel_size": Option("µm per pixel of the training images; recorded in the model, so that slides of "
+                         "another resolution get the rough pass at the same physical scale "
+                         "(docs/WHOLE_SLIDES.md; a fine-tune keeps its parent's unless given)",
+                         default_text="unknown", metavar="UM"),
     "augment": Option("turn the paper's augmentation off (it is on by default; also turns off the colour "
                       "augmentations)"),
     "stain_jitter": Option("probability of an H&E/DAB stain jitter per image (brightfield colour)",

@@ -416,7 +416,7 @@ class Run:
         if cfg.minutes is not None:
             notes["minutes"] = cfg.minutes
             notes["stopped"] = dict(self.stopped)  # stage -> epoch after which the time was up
-        trained_on, threshold = f"{cfg.data.name} train split", 0.5
+        trained_on, threshold, pixel_size = f"{cfg.data.name} train split", 0.5, cfg.pixel_size
         if self.parent is not None:
             notes["parent"] = self.parent.record()
             notes["tuned"] = list(cfg.stages)
@@ -424,11 +424,12 @@ class Run:
                                "colour_jitter": cfg.colour_jitter}
             s = self.parent.model.settings
             threshold = s.threshold
+            pixel_size = s.pixel_size if pixel_size is None else pixel_size
             trained_on = (f"{s.trained_on or self.parent.name}; fine-tuned on {images} image(s) of "
                           f"{cfg.data.name}")
         settings = ModelSettings(size=cfg.size, in_channels=self.channels, pad=self.pad, min_box=cfg.min_box,
                                  normalisation=cfg.normalisation, threshold=threshold, trained_on=trained_on,
-                                 trained_scale=self.trained_scale(), notes=notes)
+                                 trained_scale=self.trained_scale(), pixel_size=pixel_size, notes=notes)
         model = StSModel(settings, self.best_or_current("rough"), self.best_or_current("fine"))
         path = self.out / MODEL_NAME
         try:

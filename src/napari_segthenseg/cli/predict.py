@@ -14,9 +14,10 @@ The boxes file is written last, so an image is done when both of its files exist
 ``segthenseg-predict.json`` then records the model (SHA-256) and options it was made with
 (:mod:`.manifest`). A rerun skips finished images made with the same model and options, redoes
 the others (saying why; ``--overwrite`` redoes all) and removes what a killed run left behind
-(temporary files and ``.partial`` folders). A file that cannot be read or segmented is reported
-and skipped; a full disk stops the run at once. Every output path is checked before the first
-image. See docs/WHOLE_SLIDES.md for slides.
+(temporary files and ``.partial`` folders), except a slide killed during its fine pass with the same
+model and options: that one goes on where it stopped (its journal, :mod:`..engine.journal`). A file
+that cannot be read or segmented is reported and skipped; a full disk stops the run at once. Every
+output path is checked before the first image. See docs/WHOLE_SLIDES.md for slides.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from ..engine.boxes import label_objects
 from ..engine.boxio import write_boxes_csv
 from ..engine.image import ImageReadError
 from ..engine.integrity import file_sha256
+from ..engine.journal import SlideJournal, load_journal
 from ..engine.labels import LABEL_DTYPE, relabel_chunked
 from ..engine.limits import LARGE_IMAGE_PX
 from ..engine.progress import Progress, drive
@@ -52,8 +54,11 @@ from ..engine.volume import VolumeOptions
 from .common import CliError, CommandProgress, check_output, model_path, open_engine
 from .manifest import Manifest, Recipe
 from .predict_volume import add_volume_arguments, predict_volume_file, volume_options
+from .qupath import geojson_path, read_boxes_file, write_image_geojson, write_slide_geojson
 
 FORMATS = ("auto", "tif", "ome-zarr")
+JOURNAL_DIR = "journal"  # in a slide's scratch folder
+DEFAULT_GROUP_ZOOM = 1.0  # slides' shared crops (engine/groups.py; measured in docs/BENCHMARKS.md)
 
 
 class DiskFull(Exception):
@@ -77,10 +82,18 @@ def output_paths(out: Path, stem: str, zarr_out: bool = False, labels: bool = Fa
     return out / (f"{stem}_{kind}.ome.zarr" if zarr_out else f"{stem}_{kind}.tif"), out / f"{stem}.boxes.csv"
 
 
-def clean_leftovers(out: Path) -> int:
-    """Remove what killed runs left in ``out``: ``.NAME.*.tmp`` files and ``.NAME.partial`` folders."""
+def scratch_path(seg_path: Path) -> Path:
+    """A slide's working folder beside its output: the rough mask when large, and the journal."""
+    return seg_path.with_name(f".{seg_path.name}.scratch")
+
+
+def clean_leftovers(out: Path, keep: Collection[Path] = ()) -> int:
+    """Remove what killed runs left in ``out``: ``.NAME.*.tmp`` files and ``.NAME.partial`` folders
+    (but those in ``keep``: slides that go on)."""
     n = 0
     for p in out.glob(".*"):
+        if p in keep:
+            continue
         if p.is_file() and p.name.endswith(".tmp"):
             p.unlink(missing_ok=True)
             n += 1
@@ -94,37 +107,52 @@ def clean_leftovers(out: Path) -> int:
 def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", labels: bool = False,
                  chunk: int = CHUNK, client: object | None = None, threads: int = 2,
                  on_step: Callable[[Progress], None] | None = None,
-                 report: Path | None = None, volume: VolumeOptions | None = None) -> tuple[Path, Path]:
+                 report: Path | None = None, key: dict | None = None,
+                 resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
+                 geojson: bool = False, group_zoom: float | None = None,
+                 volume: VolumeOptions | None = None) -> tuple[Path, Path]:
     """Segment one file and write its outputs; raises ImageFileError/ValueError on a bad image.
 
     ``on_step`` sees the walk's progress (:class:`.common.CommandProgress`). With ``report``, one
     JSON line about the image is appended there (size, rough plan, boxes, stage seconds, network
-    pixels). A volume goes to :func:`.predict_volume.predict_volume_file` with the 3D rules of
-    ``volume``.
+    pixels). A slide keeps a journal made with ``key`` (what it is made with) so that a killed run
+    can go on; ``resume`` is the journal of such a run (:func:`resumable`). ``boxes`` (drawn by hand)
+    skip the rough pass; ``geojson`` also writes the objects as QuPath detections; on slides, small
+    neighbouring boxes share crops at ``group_zoom`` (None: one crop per box). A volume goes to
+    :func:`.predict_volume.predict_volume_file` with the 3D rules of ``volume``.
     """
     t0 = time.perf_counter()
     with open_image(path, volume=True) as opened:
         if opened.volume:
             return predict_volume_file(engine, opened, path, out, fmt, labels, chunk, client, threads,
                                        on_step, report, volume)
-        src = ImageSource(opened.levels, name=str(path))
+        src = ImageSource(opened.levels, name=str(path), pixel_size=opened.pixel_size)
+        pixel_size = engine.pixel_size or opened.pixel_size
+        if engine.plan_for(src).tiled:
+            tqdm.write(scale_note(engine, src, path), file=sys.stderr)
         zarr_out = fmt == "ome-zarr" or (fmt == "auto" and src.height * src.width > LARGE_IMAGE_PX)
         seg_path, boxes_path = output_paths(out, stem_of(path), zarr_out, labels)
         if src.height < engine.settings.size or src.width < engine.settings.size:
             tqdm.write(f"note: {path} ({src.height} x {src.width}) is smaller than the model's input size "
                        f"S={engine.settings.size}; it is upsampled", file=sys.stderr)
+        gj_path = geojson_path(out, stem_of(path)) if geojson else None
         if not zarr_out:
-            res = drive(engine.walk(src), on_step)
+            res = drive(engine.walk(src, boxes), on_step)
+            ids = label_objects(res.mask) if labels or geojson else None
             if labels:
-                write_tif(label_objects(res.mask), seg_path)
+                write_tif(ids, seg_path)
             else:
                 write_mask(res.mask, seg_path)
+            if gj_path is not None:
+                write_image_geojson(ids, gj_path, pixel_size)
         else:
-            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step)
+            res = _predict_slide(engine, src, path, seg_path, labels, chunk, client, threads, on_step,
+                                 key, resume, boxes, gj_path, group_zoom)
     write_boxes_csv(boxes_path, res.boxes)  # last: an image is done when its boxes file exists
     if report is not None:
-        plan = engine.plan(src.hw)
+        plan = engine.plan_for(src)
         line = {"input": str(path), "output": str(seg_path), "hw": list(src.hw), "kind": opened.kind,
+                "pixel_size_um": pixel_size,
                 "rough": plan.describe(), "boxes": len(res.boxes), "seconds": time.perf_counter() - t0,
                 "timings": res.timings, "counts": res.counts}
         with open(report, "a") as fh:
@@ -132,30 +160,88 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
     return seg_path, boxes_path
 
 
+def scale_note(engine: Engine, src: ImageSource, path: Path) -> str:
+    """One line on how a slide's rough pass sees it, and the pixel sizes behind that."""
+    plan, trained = engine.plan_for(src), engine.settings.pixel_size
+    if engine.pixel_size:
+        size = f"{engine.pixel_size:g} µm/px (--pixel-size)"
+    else:
+        size = f"{src.pixel_size:.4g} µm/px (from the file)" if src.pixel_size else "pixel size unknown"
+    if plan.physical is None and engine.rough_scale is None:
+        size += ("; the model records none (segthenseg-train --pixel-size): the trained scale in px is used"
+                 if not trained else "; the trained scale in px is used (give --pixel-size to follow µm)")
+    return f"{path.name}: {size}; rough pass {plan.describe()}"
+
+
 def _predict_slide(engine: Engine, src: ImageSource, path: Path, seg_path: Path, labels: bool,
                    chunk: int, client: object | None, threads: int,
-                   on_step: Callable[[Progress], None] | None):
-    """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place."""
+                   on_step: Callable[[Progress], None] | None, key: dict | None = None,
+                   resume: SlideJournal | None = None, boxes: np.ndarray | None = None,
+                   geojson: Path | None = None, group_zoom: float | None = None):
+    """Walk a slide into an OME-Zarr written under a ``.partial`` name, then renamed into place.
+
+    With a ``key`` the run keeps a journal in its scratch folder; killed during the fine pass, the
+    ``.partial`` store and the journal stay, and ``resume`` (their journal) goes on with the same
+    boxes and windows, segmenting only the chunks that were not final.
+    """
     partial = omezarr.partial_path(seg_path)
-    scratch = seg_path.with_name(f".{seg_path.name}.scratch")
+    scratch = scratch_path(seg_path)
+    journal = resume if resume is not None else (
+        SlideJournal(scratch / JOURNAL_DIR, key) if key is not None else None)
     try:
-        image = omezarr.create(partial, src.hw, chunk, dtype=LABEL_DTYPE.__name__ if labels else "uint8",
-                               name=stem_of(path))
-        scratch.mkdir(parents=True, exist_ok=True)
-        output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads,
-                               source_path=str(path.resolve()))
-        res = drive(engine.walk(src, output=output), on_step)
+        source = str(path.resolve())
+        if resume is not None:
+            image = omezarr.open_label_image(partial, mode="r+")
+            remaining = resume.remaining()
+            output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
+                                   overwrite=True, regions=remaining, journal=resume, group_zoom=group_zoom)
+            res = drive(engine.walk(src, resume.boxes, stats=resume.stats, output=output), on_step)
+            res.counts["chunks_resumed"] = len(resume.done) - len(remaining)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)  # another run's journal (e.g. --overwrite)
+            image = omezarr.create(partial, src.hw, chunk, dtype=LABEL_DTYPE.__name__ if labels else "uint8",
+                                   name=stem_of(path))
+            scratch.mkdir(parents=True, exist_ok=True)
+            output = ChunkedOutput(image.levels[0], chunk, scratch, client, threads, source_path=source,
+                                   journal=journal, group_zoom=group_zoom)
+            res = drive(engine.walk(src, boxes, output=output), on_step)
         if labels:  # the 0/1 mask becomes one id per object, in place, chunk by chunk
             n = drive(relabel_chunked(image.levels[0], chunk), on_step)
             omezarr.set_next_label(image, n + 1)  # the plugin numbers objects of later edits from it
+        if geojson is not None:
+            write_slide_geojson(image.levels[0], chunk, geojson, scratch, labels, on_step,
+                                engine.pixel_size or src.pixel_size)
         omezarr.update_pyramid(image)
         shutil.rmtree(scratch, ignore_errors=True)
         omezarr.finish(partial, seg_path)
         return res
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if journal is None or not journal.resumes:  # killed before the fine pass: nothing to keep
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def resumable(out: Path, files: Sequence[Path], recipe: Recipe, overwrite: bool
+              ) -> dict[Path, SlideJournal]:
+    """The slides a killed run left in ``out`` during their fine pass with the same model, options
+    and input: their journals (the run goes on with them). None with ``--overwrite``."""
+    found: dict[Path, SlideJournal] = {}
+    if overwrite:
+        return found
+    for f in files:
+        seg_path = output_paths(out, stem_of(f), True, recipe.labels)[0]
+        if not omezarr.partial_path(seg_path).is_dir():
+            continue
+        journal = load_journal(scratch_path(seg_path) / JOURNAL_DIR)
+        if journal is not None and journal.key == journal_key(recipe, f, seg_path):
+            found[f] = journal
+    return found
+
+
+def journal_key(recipe: Recipe, path: Path, seg_path: Path) -> dict:
+    """What a slide is made with, as its journal keeps it (JSON's view of it)."""
+    return json.loads(json.dumps(recipe.entry(path, [seg_path], True)))
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -190,11 +276,13 @@ def check_unique_stems(files: Sequence[Path]) -> None:
         seen[stem] = f
 
 
-def is_done(out: Path, path: Path, labels: bool) -> bool:
-    """Whether a previous run finished this image (its segmentation and its boxes file exist)."""
+def is_done(out: Path, path: Path, labels: bool, geojson: bool = False) -> bool:
+    """Whether a previous run finished this image (its segmentation and its boxes file exist, and its
+    GeoJSON when asked)."""
     stem = stem_of(path)
     _, boxes = output_paths(out, stem)
-    return boxes.is_file() and any(output_paths(out, stem, z, labels)[0].exists() for z in (False, True))
+    return (boxes.is_file() and any(output_paths(out, stem, z, labels)[0].exists() for z in (False, True))
+            and (not geojson or geojson_path(out, stem).is_file()))
 
 
 # -- what a rerun redoes -------------------------------------------------------------------------
@@ -205,7 +293,7 @@ def plan_work(files: Sequence[Path], out: Path, manifest: Manifest, recipe: Reci
     todo: list[Path] = []
     groups: dict[str, list[Path]] = {}
     for f in files:
-        if not is_done(out, f, recipe.labels):
+        if not is_done(out, f, recipe.labels, recipe.geojson):
             todo.append(f)
             continue
         why = "--overwrite" if overwrite else manifest.why_redo(stem_of(f), f, recipe)
@@ -260,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rough-scale", type=float, default=None, metavar="PX",
                    help="image px per rough-net px: tile the rough pass at this scale instead of the one "
                         "recorded in the model file (docs/WHOLE_SLIDES.md)")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM",
+                   help="µm per pixel of the inputs, instead of what their files record (OME, Aperio MPP, "
+                        "NDPI/TIFF resolution, OME-Zarr scale); with the model's, it sets a slide's rough "
+                        "scale (docs/WHOLE_SLIDES.md)")
+    p.add_argument("--group-zoom", type=float, default=DEFAULT_GROUP_ZOOM, metavar="Z",
+                   help="slides (OME-Zarr outputs): small neighbouring boxes share S x S crops at Z network "
+                        "px per image px (docs/WHOLE_SLIDES.md); 0: one crop per box, as in the paper "
+                        "(default: %(default)s; ordinary images always get one crop per box)")
     p.add_argument("--labels", action="store_true",
                    help="write instance labels (one id per object, uint16/uint32) instead of a 0/1 mask")
     p.add_argument("--format", choices=FORMATS, default="auto",
@@ -271,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append one JSON line per image: size, rough plan, boxes, stage seconds, network px")
     p.add_argument("--threads", type=int, default=2, metavar="N",
                    help="local threads working on OME-Zarr chunks (default: %(default)s)")
+    p.add_argument("--geojson", action="store_true",
+                   help="also write DIR/<stem>.geojson: one QuPath detection per object (its outline in "
+                        "image pixels, with area and centroid); drag it onto the image in QuPath")
+    p.add_argument("--boxes", type=Path, metavar="FILE",
+                   help="segment these boxes instead of finding them (no rough pass; one image): a boxes "
+                        "CSV (y0,x0,y1,x1) or a GeoJSON file of QuPath rectangles (other shapes: their "
+                        "bounding boxes)")
     p.add_argument("--overwrite", action="store_true",
                    help="make every image again, even those already made with the same model and options")
     cluster = p.add_mutually_exclusive_group()
@@ -319,24 +422,37 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         engine.rough_scale = args.rough_scale
     except ValueError as exc:
         raise CliError(f"--rough-scale: {exc}") from exc
-    if engine.model.rough is None:
+    try:
+        engine.pixel_size = args.pixel_size
+    except ValueError as exc:
+        raise CliError(f"--pixel-size: {exc}") from exc
+    if not (args.group_zoom >= 0 and np.isfinite(args.group_zoom)):
+        raise CliError("--group-zoom must be 0 (off) or a positive zoom")
+    given = given_boxes(args, files)
+    if engine.model.rough is None and given is None:
         raise CliError("this model has no rough network, so it cannot find objects by itself; "
-                       "use the napari plugin to draw boxes")
+                       "give boxes with --boxes FILE, or draw them in the napari plugin")
     name = "the bundled default model" if args.model == DEFAULT_MODEL_NAME else str(model_file)
     recipe = Recipe(args.model, file_sha256(model_file), args.rough_scale, args.labels, args.format,
-                    args.chunk)
+                    args.chunk, args.geojson, file_sha256(args.boxes) if given is not None else None,
+                    args.pixel_size, args.group_zoom or None)
     print(f"model: {name} ({engine.model.describe()}; SHA-256 {recipe.model_sha256[:12]}…) on "
           f"{engine.device}", file=sys.stderr)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CliError(f"cannot create output folder {args.out}: {exc}") from exc
-    if clean_leftovers(args.out):
+    resume = resumable(args.out, files, recipe, args.overwrite)
+    if clean_leftovers(args.out, keep_for(args.out, resume, args.labels)):
         print(f"removed unfinished outputs of an interrupted run in {args.out}", file=sys.stderr)
     manifest = Manifest(args.out)
     todo, notes = plan_work(files, args.out, manifest, recipe, args.overwrite)
     for note in notes:
         print(note, file=sys.stderr)
+    for f, journal in resume.items():
+        total = len(journal.done) + len(journal.remaining())
+        print(f"{f.name}: going on where an interrupted run stopped with the same model and options "
+              f"({len(journal.done)} of {total} chunks done)", file=sys.stderr)
     written = 0
     with ExitStack() as stack:
         client = open_client(args, stack)
@@ -344,10 +460,14 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
         for f in progress:
             try:
                 unfinish(args.out, f)
+                seg_path = output_paths(args.out, stem_of(f), True, args.labels)[0]
                 seg, boxes = predict_file(engine, f, args.out, args.format, args.labels, args.chunk, client,
                                           args.threads, on_step=progress.on_step, report=args.report,
-                                          volume=volume)
-                manifest.record(stem_of(f), recipe.entry(f, [seg, boxes], seg.name.endswith(".ome.zarr")))
+                                          key=journal_key(recipe, f, seg_path), resume=resume.get(f),
+                                          boxes=given, geojson=args.geojson,
+                                          group_zoom=args.group_zoom or None, volume=volume)
+                made = [seg, boxes] + ([geojson_path(args.out, stem_of(f))] if args.geojson else [])
+                manifest.record(stem_of(f), recipe.entry(f, made, seg.name.endswith(".ome.zarr")))
                 written += 1
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -360,6 +480,21 @@ def run(args: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
                 skipped.append((f, _reason(f, exc)))
                 progress.write(f"skipped {_reason(f, exc)}")
     return written, skipped
+
+
+def given_boxes(args: argparse.Namespace, files: Sequence[Path]) -> np.ndarray | None:
+    """The boxes of ``--boxes`` (one image only), read before any work; None without it."""
+    if args.boxes is None:
+        return None
+    if len(files) != 1:
+        raise CliError(f"--boxes holds the boxes of one image, but {len(files)} images were given")
+    return read_boxes_file(args.boxes)
+
+
+def keep_for(out: Path, resume: dict[Path, SlideJournal], labels: bool) -> set[Path]:
+    """The ``.partial`` store and scratch folder of each slide that goes on."""
+    segs = [output_paths(out, stem_of(f), True, labels)[0] for f in resume]
+    return {p for seg in segs for p in (omezarr.partial_path(seg), scratch_path(seg))}
 
 
 def _reason(f: Path, exc: BaseException) -> str:

@@ -103,14 +103,15 @@ class Core:
         return match_channels(small, self.settings.in_channels)
 
     # -- the fine pass and fusion -----------------------------------------------------------
-    def crops(self, image: object, boxes: np.ndarray, stats: Windows, region: Region | None = None
-              ) -> torch.Tensor:
+    def crops(self, image: object, boxes: np.ndarray, stats: Windows, region: Region | None = None,
+              windows: np.ndarray | None = None) -> torch.Tensor:
         """Normalised (N, C, S, S) network inputs for ``boxes`` (on the core's device).
 
         ``region`` = ``(tensor, y0, x0)``: pixels already read that hold every crop window.
+        ``windows`` (``y0, x0, side``): crop windows other than the boxes' own (shared crops).
         """
         src = self.source(image)
-        windows = crop_windows(boxes, src.hw)
+        windows = crop_windows(boxes, src.hw) if windows is None else windows
         s = self.settings.size
         with torch.inference_mode():
             if region is not None:
@@ -124,9 +125,9 @@ class Core:
             # doing them on the small crops is cheaper than on the full image.
             return stats.apply_to_crops(match_channels(x, self.settings.in_channels), boxes)
 
-    def refine(self, image: object, boxes: np.ndarray, stats: Windows, region: Region | None = None
-               ) -> np.ndarray:
-        """Step 3: fine-net probabilities (N, S, S) for ``boxes``, all crops as one batch."""
+    def refine(self, image: object, boxes: np.ndarray, stats: Windows, region: Region | None = None,
+               windows: np.ndarray | None = None) -> np.ndarray:
+        """Step 3: fine-net probabilities (N, S, S) for ``boxes`` (or their ``windows``), one batch."""
         if self.fine_net is None:
             raise ValueError("this model has no fine network")
         boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
@@ -134,20 +135,22 @@ class Core:
             s = self.settings.size
             return np.zeros((0, s, s), dtype=np.float32)
         with self.timed("crop"):
-            x = self.crops(image, boxes, stats, region)
+            x = self.crops(image, boxes, stats, region, windows)
         with self.timed("fine_net"):
             probs = self.forward(self.fine_net, x)
         with self.timed("to_host"):
             return probs.cpu().numpy()
 
-    def refine_local(self, src: ImageSource, boxes: np.ndarray, stats: Windows) -> np.ndarray:
+    def refine_local(self, src: ImageSource, boxes: np.ndarray, stats: Windows,
+                     windows: np.ndarray | None = None) -> np.ndarray:
         """Step 3 for boxes that lie close together in a lazy image, from one read.
 
         The read covers every crop window (+1 px for the bilinear samples at their edges);
-        windows larger than ``LARGE_WINDOW`` are read one by one instead.
+        windows larger than ``LARGE_WINDOW`` are read one by one instead. ``windows``: crop
+        windows other than the boxes' own (shared crops, :mod:`.groups`).
         """
         boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-        windows = crop_windows(boxes, src.hw)
+        windows = crop_windows(boxes, src.hw) if windows is None else np.asarray(windows, np.float64)
         large = windows[:, 2] > LARGE_WINDOW
         probs = np.zeros((len(boxes), self.settings.size, self.settings.size), dtype=np.float32)
         small = np.flatnonzero(~large)
@@ -159,21 +162,23 @@ class Core:
             x1 = min(src.width, math.ceil((w[:, 1] + w[:, 2]).max()) + 1)
             with self.timed("crop"):
                 tensor = src.read_region(y0, x0, y1, x1, self.device)
-            probs[small] = self.refine(src, boxes[small], stats, (tensor, y0, x0))
+            probs[small] = self.refine(src, boxes[small], stats, (tensor, y0, x0), w)
             del tensor
         for i in np.flatnonzero(large):
-            probs[i] = self.refine(src, boxes[i:i + 1], stats)[0]
+            probs[i] = self.refine(src, boxes[i:i + 1], stats, windows=windows[i:i + 1])[0]
         return probs
 
     def fuse(self, probs: np.ndarray, boxes: np.ndarray, hw: tuple[int, int],
-             region: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """Step 4: full-resolution mask (or the ``region`` of it), OR where boxes overlap."""
+             region: tuple[int, int, int, int] | None = None, windows: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Step 4: full-resolution mask (or the ``region`` of it), OR where boxes overlap;
+        ``windows``: where each map lies when not in its box's own crop window."""
         out_px = hw[0] * hw[1] if region is None else (region[2] - region[0]) * (region[3] - region[1])
         # On a GPU all boxes are fused there at once, unless the mask would not fit.
         on_device = self.device.type != "cpu" and out_px * 2 <= self.memory_bytes
         with self.timed("paste"):
             return fuse(probs, boxes, hw, self.settings.threshold,
-                        device=self.device if on_device else "cpu", region=region)
+                        device=self.device if on_device else "cpu", region=region, windows=windows)
 
     def upsample(self, prob: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         """The paper's baseline: rough probabilities upsampled to full resolution, thresholded."""

@@ -50,7 +50,7 @@ def resize_weights(src: int, sides: torch.Tensor, rows: int) -> torch.Tensor:
 def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int],
          threshold: float = 0.5, device: str | torch.device | None = None,
          batched: bool | None = None, memory_bytes: float = FUSE_MEMORY_BYTES,
-         region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+         region: tuple[int, int, int, int] | None = None, windows: np.ndarray | None = None) -> np.ndarray:
     """Full-resolution bool mask from per-box ``S x S`` probabilities.
 
     Each probability map covers its box's square crop window; it is resized to the window,
@@ -58,6 +58,8 @@ def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int
     pixels outside every box are background. ``device`` (default: where ``probs`` are) runs it;
     ``batched`` (default: on GPUs only) picks the all-boxes-at-once way. With ``region``
     ``(y0, x0, y1, x1)`` only that part of the image is made (one output chunk of a slide).
+    ``windows`` (``y0, x0, side`` per box) are where each map lies when it is not the box's own crop
+    window (a crop shared by several boxes, :mod:`.groups`).
     """
     h, w = int(hw[0]), int(hw[1])
     ry0, rx0, ry1, rx1 = region if region is not None else (0, 0, h, w)
@@ -68,7 +70,8 @@ def fuse(probs: np.ndarray | torch.Tensor, boxes: np.ndarray, hw: tuple[int, int
     probs = torch.as_tensor(probs)
     dev = torch.device(device) if device is not None else probs.device
     probs = probs.detach().to(dev, torch.float32)
-    windows = crop_windows(boxes, (h, w))
+    windows = (crop_windows(boxes, (h, w)) if windows is None
+               else np.asarray(windows, dtype=np.float64).reshape(-1, 3))
     sides = np.maximum(1, np.round(windows[:, 2])).astype(np.int64)
     origin = np.round(windows[:, :2]).astype(np.int64)
     if not (dev.type != "cpu" if batched is None else batched):

@@ -59,7 +59,7 @@ def _materialise(block: object) -> np.ndarray:
 class ImageSource:
     """A validated image: knows its size and channels, reads downsampled copies and crops."""
 
-    def __init__(self, image: object, name: str = "image"):
+    def __init__(self, image: object, name: str = "image", pixel_size: float | None = None):
         levels = list(image) if isinstance(image, Sequence) and not _is_array_like(image) else [image]
         if not levels:
             raise ValueError("empty image pyramid")
@@ -68,6 +68,7 @@ class ImageSource:
                 raise ValueError(f"expected an array, got {type(lv).__name__}")
         self.levels = levels
         self.name = name
+        self.pixel_size = pixel_size  # µm per pixel of level 0 (from the file), None when unknown
         base = levels[0]
         self.dtype = np.dtype(base.dtype)
         if self.dtype.kind not in "biuf":

@@ -54,6 +54,7 @@ class ModelSettings:
     trained_on: str = ""
     # Scale and normalisation window the rough net learned; None: unknown (format 1 files).
     trained_scale: TrainedScale | None = None
+    pixel_size: float | None = None  # µm per pixel of the training images, when known (--pixel-size)
     notes: dict = field(default_factory=dict)  # free-form: command, metrics, wall time
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ class ModelSettings:
             raise ValueError(f"unknown normalisation {self.normalisation!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold {self.threshold} must lie in (0, 1)")
+        if self.pixel_size is not None and not 0 < float(self.pixel_size) < float("inf"):
+            raise ValueError(f"pixel size {self.pixel_size} µm must be positive")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))  # asdict turns trained_scale into a dict too
@@ -104,6 +107,8 @@ class StSModel:
         text = f"{stages}, S={s.size}, {s.in_channels} ch"
         if s.trained_scale is not None:
             text += f", rough scale {s.trained_scale.median:g} px/px"
+        if s.pixel_size:
+            text += f" at {s.pixel_size:g} µm/px"
         return text + (f", trained on {s.trained_on}" if s.trained_on else "")
 
     def lineage(self) -> str:

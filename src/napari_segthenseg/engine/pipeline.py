@@ -18,6 +18,7 @@ import numpy as np
 from .boxes import clip_boxes
 from .core import Core
 from .fine import InMemory
+from .image import ImageSource
 from .localnorm import Windows
 from .modelfile import StSModel
 from .progress import Steps, drive
@@ -47,13 +48,16 @@ class Engine(Core):
     """Runs a :class:`StSModel` on a device. Not thread-safe: use one per worker thread.
 
     ``rough_scale`` (image px per rough px) overrides the scale recorded in the model file and
-    always tiles the rough pass at that scale (docs/WHOLE_SLIDES.md).
+    always tiles the rough pass at that scale (docs/WHOLE_SLIDES.md). ``pixel_size`` (µm per px)
+    overrides the one an image's file records; with the model's, it sets a slide's rough scale.
     """
 
     def __init__(self, model: StSModel, device: str = "auto", memory_mb: float = 1024.0,
-                 amp: bool | None = None, rough_scale: float | None = None):
+                 amp: bool | None = None, rough_scale: float | None = None,
+                 pixel_size: float | None = None):
         super().__init__(model, device, memory_mb, amp)
         self.rough_scale = rough_scale
+        self.pixel_size = pixel_size
 
     @property
     def rough_scale(self) -> float | None:
@@ -63,23 +67,39 @@ class Engine(Core):
     def rough_scale(self, value: float | None) -> None:
         self._rough_scale = check_rough_scale(value)  # ValueError for zero, negative, NaN
 
-    def plan(self, hw: tuple[int, int]) -> RoughPlan:
-        """Whole-image or tiled rough pass for an image of ``hw`` (docs/WHOLE_SLIDES.md)."""
+    @property
+    def pixel_size(self) -> float | None:
+        return self._pixel_size
+
+    @pixel_size.setter
+    def pixel_size(self, value: float | None) -> None:
+        if value is not None and not 0 < float(value) < float("inf"):
+            raise ValueError(f"pixel size must be a positive number of µm, got {value}")
+        self._pixel_size = None if value is None else float(value)
+
+    def plan(self, hw: tuple[int, int], pixel_size: float | None = None) -> RoughPlan:
+        """Whole-image or tiled rough pass for an image of ``hw`` with ``pixel_size`` µm per px
+        (the user's override wins; docs/WHOLE_SLIDES.md)."""
         s = self.settings
-        return plan_rough(hw, s.size, s.trained_scale, self.rough_scale)
+        return plan_rough(hw, s.size, s.trained_scale, self.rough_scale,
+                          pixel_size=self.pixel_size or pixel_size, trained_pixel_size=s.pixel_size)
+
+    def plan_for(self, src: ImageSource) -> RoughPlan:
+        """:meth:`plan` for an image, with the pixel size its file records."""
+        return self.plan(src.hw, src.pixel_size)
 
     # -- steps callable alone ---------------------------------------------------------------
     def image_stats(self, image: object) -> Windows:
         """Intensity windows of an image (for boxes drawn by hand), as the rough pass takes them."""
         src = self.source(image)
-        return drive(windows_for(self, src, self.plan(src.hw)))
+        return drive(windows_for(self, src, self.plan_for(src)))
 
     def rough(self, image: object) -> RoughResult:
         """Step 1: the rough net over the whole image at S x S, or in tiles at the trained scale."""
         if self.rough_net is None:
             raise ValueError("this model has no rough network: draw boxes by hand instead")
         src = self.source(image)
-        return drive(rough_pass(self, src, self.plan(src.hw)))
+        return drive(rough_pass(self, src, self.plan_for(src)))
 
     def boxes(self, rough: RoughResult, hw: tuple[int, int]) -> np.ndarray:
         """Step 2: StS boxes at full resolution from the rough mask."""
@@ -105,7 +125,7 @@ class Engine(Core):
         """
         self.timings, self.counts = {}, {}
         src = self.source(image)
-        plan = self.plan(src.hw)
+        plan = self.plan_for(src)
         output = InMemory() if output is None else output
         rough = None
         if boxes is None:

@@ -21,12 +21,19 @@ a message that says how to fix it. The rules, in one place (docs/WHOLE_SLIDES.md
   ``Z`` axis, or one unnamed page axis (``Q``/``I``, a plain multi-page TIFF), is the volume's
   z axis and the levels are ``(Z, H, W)`` or ``(Z, H, W, C)``; a time axis ``T`` (or two stack
   axes) is still refused, with a message that says so.
+
+The physical pixel size (µm per pixel) is read where the file records it: OME-XML ``PhysicalSizeX/Y``
+(OME-TIFF), the Aperio description's ``MPP`` (SVS), the TIFF resolution tags in pixels per centimetre
+(NDPI and other scanners' TIFFs; inches are left alone, as 72 dpi is every editor's default), ImageJ's
+``unit=micron``, and NGFF ``coordinateTransformations`` scales with ``space`` axis units (OME-Zarr).
+Anything else, or a value outside 0.01-100 µm, is unknown (None).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +61,7 @@ class OpenedImage:
     levels: list  # (H, W) or (H, W, C) arrays (a volume: (Z, H, W[, C])): NumPy, or dask on demand
     kind: str
     _closers: list = field(default_factory=list, repr=False)
+    pixel_size: float | None = None  # µm per pixel of level 0, when the file records it
     volume: bool = False  # the levels have a leading z axis (opened with ``volume=True``)
 
     @property
@@ -70,7 +78,8 @@ class OpenedImage:
         colour = f"{plane[2]} channels" if len(plane) == 3 else "gray"
         pyramid = f", {len(self.levels)} levels" if len(self.levels) > 1 else ""
         depth = f" x {self.shape[0]} slices" if self.volume else ""
-        return f"{self.kind}, {w} x {h} px{depth}, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}"
+        size = f", {self.pixel_size:.4g} µm/px" if self.pixel_size else ""
+        return f"{self.kind}, {w} x {h} px{depth}, {colour}, {np.dtype(self.levels[0].dtype)}{pyramid}{size}"
 
     def close(self) -> None:
         for closer in self._closers:
@@ -189,10 +198,11 @@ def _open_tiff(p: Path, volume: bool = False) -> OpenedImage:
         # A volume's slices count too: a long stack is read slice by slice, never decoded whole.
         counted = "YX" + (Z_AXES if plan.volume else "")
         n_pixels = int(np.prod([n for a, n in zip(axes, shape, strict=True) if a in counted]))
+        size = tiff_pixel_size(tif)
         if len(series.levels) == 1 and n_pixels <= LAZY_MIN_PIXELS:
             arr = plan(series.asarray())
             tif.close()
-            return OpenedImage(p, [arr], kind, volume=plan.volume)
+            return OpenedImage(p, [arr], kind, volume=plan.volume, pixel_size=size)
         import dask.array as da
         import zarr
 
@@ -200,7 +210,7 @@ def _open_tiff(p: Path, volume: bool = False) -> OpenedImage:
         node = zarr.open(store, mode="r")
         arrays = [node] if hasattr(node, "shape") else [node[str(i)] for i in range(len(series.levels))]
         levels = [plan(da.from_zarr(a)) for a in arrays]
-        return OpenedImage(p, levels, kind, [store.close, tif.close], volume=plan.volume)
+        return OpenedImage(p, levels, kind, [store.close, tif.close], volume=plan.volume, pixel_size=size)
     except BaseException:
         tif.close()
         raise
@@ -305,8 +315,85 @@ def _open_ome_zarr(p: Path, volume: bool = False) -> OpenedImage:
         axes = "".join(n[0].upper() for n in names)
         plan = _axes_plan(p, axes, tuple(node.data[0].shape), samples_are_colour=False, alpha=False,
                           volume=volume)
-        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr", volume=plan.volume)
+        return OpenedImage(p, [plan(level) for level in node.data], "OME-Zarr", volume=plan.volume,
+                           pixel_size=ngff_pixel_size(node.metadata))
     raise ImageFileError(f"{p}: an OME-Zarr folder with no multiscale image")
+
+
+# -- physical pixel size ----------------------------------------------------------------------
+UM_PER_UNIT = {"nm": 1e-3, "nanometer": 1e-3, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "micron": 1.0,
+               "micrometer": 1.0, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6,
+               "meter": 1e6}
+PLAUSIBLE_UM = (0.01, 100.0)  # µm per pixel: from electron-microscope-ish to a phone photo of a slide
+
+
+def plausible(x_um: float | None, y_um: float | None = None) -> float | None:
+    """One pixel size from x and y (their geometric mean), or None when unknown or implausible."""
+    vals = [float(v) for v in (x_um, y_um) if v is not None]
+    if not vals or not all(np.isfinite(v) and v > 0 for v in vals):
+        return None
+    size = float(np.sqrt(np.prod(vals))) if len(vals) == 2 else vals[0]
+    return size if PLAUSIBLE_UM[0] <= size <= PLAUSIBLE_UM[1] else None
+
+
+def tiff_pixel_size(tif) -> float | None:
+    """µm per pixel of a TIFF's level 0 from its metadata (see the module's notes), or None."""
+    import tifffile
+
+    try:
+        page = tif.pages.first
+        if tif.is_ome and tif.ome_metadata:
+            return _ome_xml_pixel_size(tif.ome_metadata)
+        if tif.is_svs:  # "Aperio Image Library ...|AppMag = 20|MPP = 0.4990|..."
+            mpp = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description)
+            return plausible(float(mpp.group(1))) if mpp else None
+        unit = page.tags.get("ResolutionUnit")
+        unit = int(unit.value) if unit is not None else 1
+        xres, yres = (page.tags.get(n) for n in ("XResolution", "YResolution"))
+        if xres is None or yres is None:
+            return None
+        ppx, ppy = (v.value[0] / v.value[1] if isinstance(v.value, tuple) else float(v.value)
+                    for v in (xres, yres))
+        if unit == int(tifffile.RESUNIT.CENTIMETER):
+            return plausible(1e4 / ppx, 1e4 / ppy)
+        if tif.is_imagej and str((tif.imagej_metadata or {}).get("unit", "")).lower() in UM_PER_UNIT:
+            scale = UM_PER_UNIT[str(tif.imagej_metadata["unit"]).lower()]
+            return plausible(scale / ppx, scale / ppy)
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    return None
+
+
+def _ome_xml_pixel_size(xml: str) -> float | None:
+    import xml.etree.ElementTree as ET
+
+    for el in ET.fromstring(xml).iter():
+        if el.tag.endswith("}Pixels") or el.tag == "Pixels":
+            sizes = []
+            for axis in "XY":
+                v = el.get(f"PhysicalSize{axis}")
+                unit = el.get(f"PhysicalSize{axis}Unit", "µm")
+                sizes.append(float(v) * UM_PER_UNIT[unit] if v is not None and unit in UM_PER_UNIT else None)
+            return plausible(*sizes) if sizes[0] is not None else None
+    return None
+
+
+def ngff_pixel_size(metadata: dict) -> float | None:
+    """µm per pixel of an OME-Zarr image's level 0 (NGFF 0.4+ scale transformations and axis units)."""
+    try:
+        axes = metadata.get("axes") or []
+        first = (metadata.get("coordinateTransformations") or [None])[0] or []
+        scale = next(t["scale"] for t in first if t.get("type") == "scale")
+        sizes = {}
+        for ax, f in zip(axes, scale, strict=True):
+            if isinstance(ax, dict) and ax.get("name") in ("x", "y"):
+                unit = ax.get("unit")
+                if unit not in UM_PER_UNIT:
+                    return None
+                sizes[ax["name"]] = float(f) * UM_PER_UNIT[unit]
+        return plausible(sizes.get("x"), sizes.get("y")) if "x" in sizes else None
+    except (StopIteration, KeyError, TypeError, ValueError):
+        return None
 
 
 def _check_levels(opened: OpenedImage) -> None:

@@ -1,12 +1,14 @@
 """The rough pass (the paper's step 1) and the boxes it gives (step 2), at any image size.
 
-An image the rough net's training covers is squashed to S x S, as in the paper. A larger or
-more elongated one is seen at the trained scale instead (docs/WHOLE_SLIDES.md): the image is
-read at ``scale`` image px per rough px from the nearest pyramid level, in tiles with a margin
-of context on each side (the net is fully convolutional, so overlapping tiles whose margins
-are dropped leave no seams), flat tiles skipped, and the tiles' masks stitched into one rough
-mask. Components are found on that stitched mask, so an object is one box whatever tile it
-falls in: with SciPy when the rough mask fits in memory, with dask-image when it does not.
+An image the rough net's training covers is squashed to S x S, as in the paper. A larger or more
+elongated one is seen at the trained scale instead (docs/WHOLE_SLIDES.md): the image is read at
+``scale`` image px per rough px from the nearest pyramid level, in tiles with a margin of context
+on each side (the net is fully convolutional, so overlapping tiles whose margins are dropped leave
+no seams), batched on accelerators, each tile cut to the bounding box of its cells that are not
+flat background (whole flat tiles skipped), and the tiles' masks stitched into one rough mask. The
+image is read from the coarsest pyramid level finer than the scale. Components are found on that
+stitched mask, so an object is one box whatever tile it falls in: with SciPy when the rough mask
+fits in memory, with dask-image when it does not.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .boxes import component_boxes, connectivity, finalize_boxes, scale_boxes
 from .core import Core
-from .grid import tiles
+from .grid import Region, tiles
 from .image import ImageSource, compute_stats, match_channels
 from .limits import IN_MEMORY_MASK_PX
 from .localnorm import LocalWindows, Windows, survey
@@ -28,6 +31,10 @@ from .progress import Progress, Steps
 from .scale import RoughPlan
 
 TILE = 512  # rough px of output per tile side
+# Tiles of one shape per forward on accelerators (the core's memory budget still splits a batch); on a
+# CPU batching gains nothing and would hold several tiles' activations at once.
+ROUGH_BATCH = 8
+GLASS_RING = 2  # rough px next to bright-field glass where the rough mask is cleared (see glass_ring)
 MARGIN = 64  # rough px of context dropped on each side: tiles then match one pass (docs/WHOLE_SLIDES.md)
 
 
@@ -78,30 +85,65 @@ def rough_pass(core: Core, src: ImageSource, plan: RoughPlan, mask_out: object |
     grid = tiles(rough_hw, TILE)
     run = skipped = 0
     step = 2 ** core.rough_net.depth
-    for i, (y0, x0, y1, x1) in enumerate(grid):
+    batch: list[tuple[torch.Tensor, Region, np.ndarray | None]] = []
+    per_batch = 1 if core.device.type == "cpu" else ROUGH_BATCH
+    for i, tile in enumerate(grid):
         yield Progress(f"rough pass: tile {i + 1}/{len(grid)}", i, len(grid))
-        if isinstance(stats, LocalWindows) and stats.flat_region(y0, x0, y1, x1):
+        part = tile if not isinstance(stats, LocalWindows) else stats.busy_part(*tile, step)
+        if part is None:  # only flat cells: nothing to find
             skipped += 1
             continue
-        # Input: the tile plus a margin, rounded up to what the U-Net's poolings divide.
+        y0, x0, y1, x1 = part
+        # Input: the part plus a margin, rounded up to what the U-Net's poolings divide.
         ih = math.ceil((y1 - y0 + 2 * MARGIN) / step) * step
         iw = math.ceil((x1 - x0 + 2 * MARGIN) / step) * step
         ry0, rx0 = y0 - MARGIN, x0 - MARGIN
         with core.timed("rough_read"):
             f = plan.scale
             t = src.read_scaled(ry0 * f, rx0 * f, (ry0 + ih) * f, (rx0 + iw) * f, f, (ih, iw), core.device)
+            near_glass = glass_ring(t, stats.glass) if isinstance(stats, LocalWindows) else None
             t = stats.apply_to_region(t, ry0, rx0) if isinstance(stats, LocalWindows) else stats.apply(t)
-            x = match_channels(t, s.in_channels)[None]
-        with core.timed("rough_net"):
-            p = core.forward(core.rough_net, x)[0, MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
-            p = p.cpu().numpy()
-        mask_out[y0:y1, x0:x1] = p >= s.threshold
-        if prob_out is not None:
-            prob_out[y0:y1, x0:x1] = p
+            x = match_channels(t, s.in_channels)
+        if batch and batch[0][0].shape != x.shape:
+            _rough_batch(core, batch, mask_out, prob_out)
+        batch.append((x, part, near_glass))
         run += 1
-        release_free_memory()  # else the heap keeps every tile's peak (see .memory)
+        if len(batch) >= per_batch:
+            _rough_batch(core, batch, mask_out, prob_out)
+    _rough_batch(core, batch, mask_out, prob_out)
     yield Progress("rough pass", len(grid), len(grid))
     return RoughResult(prob_out, mask_out, stats, plan, run, skipped)
+
+
+def glass_ring(t: torch.Tensor, glass: float | None) -> np.ndarray | None:
+    """Where a rough-scale block (C, h, w) is bright-field glass or within ``GLASS_RING`` px of it
+    (None without glass). The rough net answers a straight tissue edge against glass with a thin
+    line of "objects" along it (no training image held glass); dropped there, that line can no
+    longer chain the fields along a tissue edge into one huge box (docs/WHOLE_SLIDES.md)."""
+    if glass is None:
+        return None
+    near = (t.amin(0) >= glass).float()[None, None]
+    k = 2 * GLASS_RING + 1
+    return F.max_pool2d(near, k, stride=1, padding=GLASS_RING)[0, 0].bool().cpu().numpy()
+
+
+def _rough_batch(core: Core, batch: list[tuple[torch.Tensor, Region, np.ndarray | None]], mask_out: object,
+                 prob_out: np.ndarray | None) -> None:
+    """Run the rough net on tiles of one input shape at once and store their parts (the batch is
+    emptied). Each tile's margins are dropped, and objects near glass (:func:`glass_ring`)."""
+    if not batch:
+        return
+    with core.timed("rough_net"):
+        probs = core.forward(core.rough_net, torch.stack([x for x, _, _ in batch])).cpu().numpy()
+    for p, (_, (y0, x0, y1, x1), near) in zip(probs, batch, strict=True):
+        p = p[MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0]
+        if near is not None:
+            p = np.where(near[MARGIN:MARGIN + y1 - y0, MARGIN:MARGIN + x1 - x0], 0.0, p)
+        mask_out[y0:y1, x0:x1] = p >= core.settings.threshold
+        if prob_out is not None:
+            prob_out[y0:y1, x0:x1] = p
+    batch.clear()
+    release_free_memory()  # else the heap keeps every batch's peak (see .memory)
 
 
 def rough_boxes(rough: RoughResult, hw: tuple[int, int], pad: int, min_box: int) -> np.ndarray:

@@ -77,6 +77,7 @@ class RoughPlan:
     tiled: bool
     scale: float | None = None  # image pixels per rough pixel (tiled only)
     window: int | None = None  # local normalisation window in image pixels (tiled, minmax only)
+    physical: float | None = None  # µm per rough pixel, when the scale followed the pixel sizes
 
     def rough_hw(self, hw: tuple[int, int], size: int) -> tuple[int, int]:
         """Size of the rough mask: S x S, or the image at ``scale`` (at least 1 px a side)."""
@@ -87,7 +88,8 @@ class RoughPlan:
     def describe(self) -> str:
         if not self.tiled:
             return "whole image at S x S (the paper's rough pass)"
-        return f"tiled at {self.scale:g} image px per rough px"
+        text = f"tiled at {self.scale:g} image px per rough px"
+        return text + (f" ({self.physical:.3g} µm per rough px, as in training)" if self.physical else "")
 
 
 def check_rough_scale(value: float | None) -> float | None:
@@ -102,12 +104,16 @@ def check_rough_scale(value: float | None) -> float | None:
 
 
 def plan_rough(hw: tuple[int, int], size: int, trained: TrainedScale | None,
-               rough_scale: float | None = None, window: int | None = None) -> RoughPlan:
+               rough_scale: float | None = None, window: int | None = None,
+               pixel_size: float | None = None, trained_pixel_size: float | None = None) -> RoughPlan:
     """Choose the rough pass for an image of ``hw``.
 
     ``rough_scale`` (the user's override) always tiles at that scale. Otherwise an image the
     trained range covers, or any image when the model records no scale (format 1 files), gets
     the whole-image pass; larger or more elongated images are tiled at the median trained scale.
+    When the image's and the training images' pixel sizes (µm) are both known, that scale and the
+    intensity window follow the physical size: a rough pixel covers as many µm as in training (a
+    40x scan of a model trained at 20x is read at twice the scale, from a coarser pyramid level).
     """
     rough_scale = check_rough_scale(rough_scale)
     if rough_scale is not None:
@@ -116,4 +122,9 @@ def plan_rough(hw: tuple[int, int], size: int, trained: TrainedScale | None,
         return RoughPlan(True, rough_scale, win)
     if trained is None or trained.covers(hw, size):
         return RoughPlan(False)
-    return RoughPlan(True, trained.median, window or trained.window)
+    win = window or trained.window
+    if pixel_size and trained_pixel_size:
+        f = trained_pixel_size / pixel_size
+        return RoughPlan(True, round(trained.median * f, 4), max(1, round(win * f)),
+                         physical=trained.median * trained_pixel_size)
+    return RoughPlan(True, trained.median, win)

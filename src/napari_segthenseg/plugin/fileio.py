@@ -14,6 +14,12 @@ plugins claim a file name (napari's own claims ``*.csv`` and ``*.tif``) unless t
 the name to one (Preferences > Plugins, or ``settings.plugins.extension2reader``). So open these
 files with ``viewer.open(path, plugin="napari-segthenseg")``, or see docs/PLUGIN.md for the preference.
 
+QuPath: ``*.geojson`` files (QuPath's *Export objects as GeoJSON*, or ``segthenseg-predict --geojson``)
+open as a Shapes layer of rectangles (the rectangle annotations: boxes for the panel) and one of
+polygons (every other area: detections, other annotations); Shapes layers save as GeoJSON
+annotations (rectangles stay rectangles) and Labels layers as one detection per object, which
+QuPath's *File > Import objects* reads (:mod:`..engine.geojson`).
+
 Slides: napari's own reader decodes a whole TIFF into memory (a 20,000 px slide: 1.2 GB RGB), so
 pyramidal OME-TIFF/SVS/NDPI/BigTIFF files and TIFFs over ``LAZY_MIN_PIXELS`` are read through the
 engine's reader instead: a multiscale Image layer of dask arrays over the file's tiles. Small plain
@@ -28,13 +34,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import reader
+from ..engine import omezarr, reader
 from ..engine.boxio import HEADER, read_boxes_csv, write_boxes_csv
+from ..engine.geojson import (
+    FeatureWriter,
+    box_feature,
+    boxes_from_features,
+    is_rectangle,
+    label_features,
+    read_features,
+    slide_features,
+)
 from ..engine.omezarr import save_label_image
 from ..engine.reader import TIFF_EXTENSIONS, open_image, stem_of
 from .layers import (
     BOX_COLOUR,
     BOXES_FILE_KEY,
+    PIXEL_SIZE_KEY,
     STORE_KEY,
     VIEWPORT_KEY,
     Plane,
@@ -43,8 +59,9 @@ from .layers import (
 )
 from .volume_session import BOX_ID, boxes3d_to_rectangles, layer_boxes3d
 
-__all__ = ["LABEL_SUFFIXES", "napari_get_label_reader", "napari_get_reader", "napari_get_slide_reader",
-           "read_boxes_csv", "write_boxes", "write_boxes_csv", "write_labels_zarr"]
+__all__ = ["LABEL_SUFFIXES", "napari_get_geojson_reader", "napari_get_label_reader", "napari_get_reader",
+           "napari_get_slide_reader", "read_boxes_csv", "write_boxes", "write_boxes_csv",
+           "write_labels_geojson", "write_labels_zarr", "write_shapes_geojson"]
 
 EXTENSION = ".boxes.csv"
 LAYER_BOXES_MAX = 2000  # larger boxes files are not drawn whole (a slide's: see _read_layer)
@@ -174,7 +191,8 @@ def _read_slide(path: str) -> list[tuple]:
     opened = open_image(path, volume=True)  # ImageFileError (a time series, 2 channels, ...) says why
     levels = list(opened.levels)
     meta: dict = {"name": stem_of(path), "rgb": levels[0].ndim == (4 if opened.volume else 3),
-                  "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe()}}
+                  "metadata": {"segthenseg_source": str(path), "segthenseg_kind": opened.describe(),
+                               PIXEL_SIZE_KEY: opened.pixel_size}}
     if opened.volume:  # napari reads the slice on screen; the dtype's range saves reading them all
         levels = [lv for lv in levels if lv.shape[0] == levels[0].shape[0]]
         if np.dtype(levels[0].dtype).kind in "ui":
@@ -206,3 +224,82 @@ def write_labels_zarr(path: str, data: object, meta: dict) -> list[str]:
     """
     store = (meta.get("metadata") or {}).get(STORE_KEY)
     return [str(save_label_image(path, data, store))]
+
+
+# -- QuPath GeoJSON ------------------------------------------------------------------------------
+GEOJSON_EXTENSION = ".geojson"
+LAYER_POLYGONS_MAX = 20000  # polygons drawn at most (napari's Shapes layer slows down far before 10^5)
+
+
+def napari_get_geojson_reader(path: str | list[str]):
+    """npe2 reader: a ``*.geojson`` file -> Shapes layers (boxes from rectangles, other polygons)."""
+    if isinstance(path, list) or not str(path).lower().endswith(GEOJSON_EXTENSION):
+        return None
+    return _read_geojson
+
+
+def _read_geojson(path: str) -> list[tuple]:
+    """Rectangle annotations as a boxes layer, every other area as polygons (their outer rings; napari
+    draws no holes). A bad file raises ``GeoJSONError`` naming it and what is wrong."""
+    feats = read_features(path)
+    name = Path(path).name[: -len(GEOJSON_EXTENSION)]
+    rects = [f for f in feats if f["objectType"] != "detection" and is_rectangle(f["shape"])]
+    areas = [f for f in feats if f["shape"].geom_type in ("Polygon", "MultiPolygon") and not any(
+        f is r for r in rects)]
+    layers: list[tuple] = []
+    if rects or not areas:
+        plane = Plane(lead=(), scale=(1.0, 1.0), translate=(0.0, 0.0), affine=np.eye(3), hw=(0, 0))
+        boxes = boxes_from_features(rects)
+        meta = {"name": name, "shape_type": "rectangle", "edge_color": BOX_COLOUR,
+                "face_color": "transparent", "ndim": 2, "metadata": {"segthenseg": "boxes"}}
+        layers.append((boxes_to_rectangles(boxes, plane) if len(boxes) else None, meta, "shapes"))
+    if areas:
+        rings = [np.asarray(p.exterior.coords)[:-1, ::-1] - 0.5 for f in areas
+                 for p in getattr(f["shape"], "geoms", [f["shape"]])]
+        label = f"{name} objects"
+        if len(rings) > LAYER_POLYGONS_MAX:
+            label = f"{name} objects (first {LAYER_POLYGONS_MAX} of {len(rings)})"
+            rings = rings[:LAYER_POLYGONS_MAX]
+        layers.append((rings, {"name": label, "shape_type": "polygon", "edge_color": "#2ee65c",
+                               "face_color": "transparent", "ndim": 2}, "shapes"))
+    return layers
+
+
+def write_shapes_geojson(path: str, data: list, meta: dict) -> list[str]:
+    """npe2 single-layer writer for Shapes -> GeoJSON annotations for QuPath: rectangles as rectangles
+    snapped to pixels (the boxes, as the boxes CSV writer takes them), other shapes as polygons through
+    their vertices (ellipses as their 4 corners' polygon: draw them as polygons to keep them)."""
+    if (meta.get("metadata") or {}).get(VIEWPORT_KEY):
+        raise ValueError("this boxes layer shows only the boxes near the view of a slide; save all of them "
+                         "with 'Save segmentation + boxes…' in the Segment-then-Segment panel")
+    import shapely
+
+    types = meta.get("shape_type") or ["polygon"] * len(data)
+    with FeatureWriter(path) as w:
+        for verts, kind in zip(data, types, strict=True):
+            if kind == "rectangle":
+                w.append(box_feature(snap_to_pixels([verts])[0]))
+                continue
+            xy = np.asarray(verts, dtype=float)[:, -2:][:, ::-1] + 0.5  # napari (y, x) centres -> QuPath
+            geom = shapely.Polygon(xy) if kind != "path" and len(xy) >= 3 else shapely.LineString(xy)
+            w.append({"type": "Feature", "geometry": shapely.geometry.mapping(geom),
+                      "properties": {"objectType": "annotation"}})
+    return [str(path)]
+
+
+def write_labels_geojson(path: str, data: object, meta: dict) -> list[str]:
+    """npe2 single-layer writer for Labels -> GeoJSON, one QuPath detection per id (a slide's
+    segmentation chunk by chunk from its store, so any size)."""
+    base = data[0] if isinstance(data, (list, tuple)) else data
+    if len(base.shape) != 2:
+        raise ValueError(f"only 2D segmentations are saved as GeoJSON, this one is {tuple(base.shape)}")
+    store = (meta.get("metadata") or {}).get(STORE_KEY)
+    with FeatureWriter(path) as w:
+        if store is not None:
+            label = omezarr.open_label_image(store)
+            for _ in slide_features(label.levels[0], int(label.levels[0].chunks[0]), w):
+                pass
+        else:
+            for f in label_features(np.asarray(base)):
+                w.append(f)
+    return [str(path)]

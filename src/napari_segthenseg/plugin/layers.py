@@ -35,6 +35,7 @@ KIND = "segthenseg"  # metadata key marking the layers this plugin made
 STORE_KEY = "segthenseg_store"  # metadata key: the OME-Zarr folder behind a slide's segmentation
 BOXES_FILE_KEY = "segthenseg_boxes_file"  # metadata key: a boxes file too large to draw whole
 VIEWPORT_KEY = "segthenseg_viewport"  # metadata key: a boxes layer showing only the boxes near the view
+PIXEL_SIZE_KEY = "segthenseg_pixel_size"  # metadata key: µm per pixel a slide's file records
 
 
 @dataclass(frozen=True)

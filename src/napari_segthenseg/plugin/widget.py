@@ -40,7 +40,7 @@ from ..engine.image import ImageSource, VolumeSource
 from ..engine.progress import Progress
 from ..engine.scale import plan_rough
 from .image_session import ImageSession
-from .layers import image_plane
+from .layers import PIXEL_SIZE_KEY, image_plane
 from .session import CANCELLED, EngineFactory, Job, JobFailed, Session, run_in_worker
 from .slide_session import SlideSession, Workdir, is_slide
 from .training import FINE_TUNE_MINUTES, FineTuned, FineTuneSettings, TrainingSet, fine_tune_job, pieces_of
@@ -96,6 +96,13 @@ class SegThenSegWidget(Container):
                     "pass for images like its training images, tiles at the trained scale for larger "
                     "ones); a number: tiles at that scale. Takes effect at the next Run.")
         self.rough_scale.native.setSpecialValueText("auto")
+        self.pixel_size = FloatSpinBox(
+            label="pixel size (µm)", value=0.0, min=0.0, max=100.0, step=0.05,
+            tooltip="µm per image pixel. from file: what the slide's file records (OME, Aperio MPP, NDPI, "
+                    "OME-Zarr), if anything; a number: this instead. With the model's own, it sets a "
+                    "slide's rough scale (docs/WHOLE_SLIDES.md). Takes effect at the next Run.")
+        self.pixel_size.native.setSpecialValueText("from file")
+        self.pixel_size.native.setDecimals(4)
         self.scale_info = Label(value="")
         self.segmentation = ComboBox(
             label="segmentation layer", choices=self._layer_choices(Labels), nullable=True, value=None,
@@ -134,7 +141,7 @@ class SegThenSegWidget(Container):
         self.training_info = Label(value="")
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
-            self.rough_scale, self.scale_info, self.segmentation, self.volume, self.z_span,
+            self.rough_scale, self.pixel_size, self.scale_info, self.segmentation, self.volume, self.z_span,
             Container(widgets=[self.z_from, self.z_to], layout="horizontal", labels=True, label="z-range"),
             self.live, self.run_button,
             self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status,
@@ -164,6 +171,7 @@ class SegThenSegWidget(Container):
         self.image.changed.connect(self._show_scale)
         self.image.changed.connect(self._show_segmentation_choice)
         self.rough_scale.changed.connect(self._show_scale)
+        self.pixel_size.changed.connect(self._show_scale)
         self.segmentation.changed.connect(self._on_segmentation_chosen)
         self.z_span.changed.connect(self._on_z_span)
         self.z_from.changed.connect(self._on_z_range)
@@ -263,6 +271,16 @@ class SegThenSegWidget(Container):
         v = float(self.rough_scale.value)
         return v if v > 0 else None
 
+    @property
+    def pixel_size_value(self) -> float | None:
+        """µm per pixel: the user's, else what the image layer's file records (None: unknown)."""
+        v = float(self.pixel_size.value)
+        if v > 0:
+            return v
+        layer = self.image.value
+        recorded = (layer.metadata or {}).get(PIXEL_SIZE_KEY) if layer is not None else None
+        return float(recorded) if recorded else None
+
     def _show_scale(self, _=None) -> None:
         """Say what the rough net will see: the model's trained scale and the plan for the image."""
         model, layer = self.current_model, self.image.value
@@ -277,10 +295,15 @@ class SegThenSegWidget(Container):
         if layer is not None:
             shape = (layer.data[0] if layer.multiscale else layer.data).shape
             hw = tuple(int(v) for v in (shape[-3:-1] if layer.rgb else shape[-2:]))
-            plan = plan_rough(hw, s.size, trained, self.rough_scale_value)
+            plan = plan_rough(hw, s.size, trained, self.rough_scale_value, pixel_size=self.pixel_size_value,
+                              trained_pixel_size=s.pixel_size)
             if plan.tiled:
                 rh, rw = plan.rough_hw(hw, s.size)
                 text += f"\nthis image: tiles at {plan.scale:g} px per rough px ({rw} x {rh} rough px)"
+                if self.pixel_size_value:
+                    text += f"\n{self.pixel_size_value:.4g} µm/px" + (
+                        f" (trained at {s.pixel_size:g} µm/px: {plan.physical:.3g} µm per rough px)"
+                        if plan.physical else " (the model records no pixel size)")
             else:
                 text += (f"\nthis image: whole at {s.size} x {s.size} "
                          f"({hw[1] / s.size:.3g} x {hw[0] / s.size:.3g} px per rough px)")
@@ -360,12 +383,14 @@ class SegThenSegWidget(Container):
 
     def _engine_factory(self, model: StSModel) -> EngineFactory:
         """Builds the job's engine (in the worker): the model on the chosen device and rough scale."""
-        device, scale = self.device.value, self.rough_scale_value
+        device, scale, pixel_size = self.device.value, self.rough_scale_value, self.pixel_size_value
 
         def make() -> Engine:
             engine = self.make_engine(model, device)
             if scale is not None:  # None keeps the factory's own
                 engine.rough_scale = scale
+            if pixel_size is not None:
+                engine.pixel_size = pixel_size
             return engine
 
         return make
