@@ -39,6 +39,7 @@ from .progress import Progress, Steps
 from .reader import open_image
 
 CHUNK_MEMORY_MB = 256.0  # activation budget of one chunk's fine batch
+IN_FLIGHT_PER_THREAD = 2  # chunk tasks submitted ahead per thread (one running, one queued)
 
 __all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "core_for", "merge_parts", "open_executor",
            "run_chunk", "run_tasks", "segment_chunk"]
@@ -114,20 +115,35 @@ class ChunkedOutput:
         for k, w in enumerate(waits):
             if not w:  # nothing to write there
                 done += self._final(regions[k])
-        try:
-            for k in todo:
+        # Chunk tasks go in a few at a time, so that a merge runs as soon as its region is ready
+        # (all at once, merges would queue behind every chunk task: a killed run would have no
+        # region final for its journal, and finished tasks' parts would pile up in memory).
+        queue = iter(todo)
+        limit = IN_FLIGHT_PER_THREAD * (self.threads if self.client is None else cluster_threads(self.client))
+        in_flight = 0
+        pending: set[Future] = set()
+
+        def top_up() -> None:
+            nonlocal in_flight
+            while in_flight < limit and (k := next(queue, None)) is not None:
                 args = [shared, regions[k], boxes[owned[k]], [regions[t] for t in spills[k]]]
                 if windows is not None:
                     args.append(windows[owned[k]])
                 fut = executor.submit(run_chunk, *args)
-                futures[fut] = (False, k)
+                futures[fut], in_flight = (False, k), in_flight + 1
+                pending.add(fut)
+
+        try:
+            top_up()
             yield Progress(f"fine pass: 0/{len(todo)} chunks", 0, len(todo))
-            pending, segmented = set(futures), 0
+            segmented = 0
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, rest = wait(pending, return_when=FIRST_COMPLETED)
+                pending.intersection_update(rest)
                 failed = [f for f in finished if f.exception() is not None]
                 for fut in finished:
                     merge, k = futures.pop(fut)
+                    in_flight -= not merge
                     if fut in failed:
                         continue
                     t, c, parts = fut.result()
@@ -154,6 +170,7 @@ class ChunkedOutput:
                             done += self._final(regions[target])
                 if failed:  # after the others that finished are recorded (a journal keeps them)
                     failed[0].result()
+                top_up()
                 # progress: chunks segmented (a chunk is final a row of chunks later, when its
                 # neighbours below have handed it their parts)
                 yield Progress(f"fine pass: {segmented}/{len(todo)} chunks", segmented, len(todo))
@@ -170,6 +187,14 @@ class ChunkedOutput:
         if self.journal is not None:
             self.journal.finished(region)
         return 1
+
+
+def cluster_threads(client: object) -> int:
+    """How many tasks a dask.distributed cluster runs at once (its workers' threads)."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except (AttributeError, TypeError):  # an executor-like client without nthreads: a modest window
+        return 8
 
 
 def open_executor(job: object, client: object | None, threads: int, tasks: int,
