@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole-slide measurements of docs/BENCHMARKS.md ("Real slides, fast"), one after the other in one
-# run: a 20,480 px slide 30 % covered (with and without shared crops), a 10,240 px bright-field slide,
+# run: a 20,480 px slide 30 % covered (with and without shared crops, and at a coarser rough scale), a 10,240 px bright-field slide,
 # a dense 24,576 px slide (fields touching), each against its fields one by one, and the dense slide's
 # centre against a full-resolution sliding window. Slides are made first if missing (same seeds, same
 # slides). Every process runs on one thread (torch and chunk threads), so that on a shared, loaded CPU
@@ -23,6 +23,8 @@ uptime | tee "$OUT/load.txt"
 $PY benchmarks/bench_slide.py --slide $S/s20k.ome.tif --data "$DATA" "${T[@]}" --json $OUT/slide_20k.json
 $PY benchmarks/bench_slide.py --slide $S/s20k.ome.tif --data "$DATA" "${T[@]}" --skip-fields \
     --predict-args "--group-zoom 0" --json $OUT/slide_20k_one_crop_per_box.json
+$PY benchmarks/bench_slide.py --slide $S/s20k.ome.tif --data "$DATA" "${T[@]}" --skip-fields \
+    --predict-args "--rough-scale 8" --json $OUT/slide_20k_rough_scale_8.json
 $PY benchmarks/bench_slide.py --slide $S/bf10k.ome.tif --data "$DATA" "${T[@]}" --json $OUT/slide_bf10k.json
 $PY benchmarks/bench_slide.py --slide $S/dense24k.ome.tif --data "$DATA" "${T[@]}" --json $OUT/slide_dense24k.json
 $PY benchmarks/bench_dense.py --slide $S/dense24k.ome.tif --region 10240 10240 4096 --zooms 1.0 \

@@ -158,3 +158,13 @@ def test_a_ct_patient_stacked_into_a_volume(data_root, model_file, tmp_path):
     assert mask.shape == vol.shape and np.array_equal(mask > 0, expected.mask)
     header, boxes = read_csv(tmp_path / "o" / f"{pid}.boxes.csv")
     assert header[0] == "z0" and ((boxes[:, 3] <= len(ids)) & (boxes[:, 0] >= 0)).all()
+
+
+def test_geojson_or_boxes_by_hand_on_a_volume_say_why_and_write_nothing(model_file, tmp_path, capsys):
+    vol, _ = blobs()
+    path = tmp_path / "ct.ome.tif"
+    tifffile.imwrite(path, vol, metadata={"axes": "ZYX"})
+    assert main(["--model", str(model_file), str(path), "--out", str(tmp_path / "o"), "--geojson"]) == 1
+    err = capsys.readouterr().err
+    assert "ct.ome.tif" in err and "--geojson and --boxes take 2D images and slides" in err
+    assert "Traceback" not in err and list((tmp_path / "o").iterdir()) == []

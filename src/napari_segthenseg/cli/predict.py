@@ -124,6 +124,9 @@ def predict_file(engine: Engine, path: Path, out: Path, fmt: str = "auto", label
     t0 = time.perf_counter()
     with open_image(path, volume=True) as opened:
         if opened.volume:
+            if geojson or boxes is not None:
+                raise ValueError("a volume (ZYX): --geojson and --boxes take 2D images and slides; "
+                                 "volumes give a 3D mask and a z0,y0,x0,z1,y1,x1 boxes CSV (docs/VOLUMES.md)")
             return predict_volume_file(engine, opened, path, out, fmt, labels, chunk, client, threads,
                                        on_step, report, volume)
         src = ImageSource(opened.levels, name=str(path), pixel_size=opened.pixel_size)
