@@ -101,6 +101,7 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
 
     from make_slide import field_image, transformed
     from napari_segthenseg.engine import Engine, load_model
+    from napari_segthenseg.engine.image import MIN_SIDE
     from napari_segthenseg.engine.reader import read_image
 
     if args.threads:
@@ -110,7 +111,7 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
     data = Path(args.data)
     with tifffile.TiffFile(args.slide) as tf:
         stain = "brightfield" if len(tf.series[0].shape) == 3 else "fluorescence"  # RGB: bright-field
-    tot = {"tp": 0, "fp": 0, "fn": 0, "boxes": 0, "fine_px": 0, "rough_px": 0}
+    tot = {"tp": 0, "fp": 0, "fn": 0, "boxes": 0, "fine_px": 0, "rough_px": 0, "too_small": 0}
     t0 = time.perf_counter()
     for r in rows:
         img = read_image(data / "images" / f"{r['stem']}.png")  # decoding is part of the job
@@ -119,6 +120,10 @@ def fields_one_by_one(args: argparse.Namespace) -> None:
         im, m = transformed(type("F", (), {"image": field, "mask": gt})(), int(r["rot90"]), r["flip"] == "1")
         oy, ox, h, w = (int(r.get(k, 0)) for k in ("oy", "ox", "h", "w"))  # a field cut to fit (dense slides)
         im, m = im[oy:oy + h, ox:ox + w], m[oy:oy + h, ox:ox + w]
+        if min(im.shape[:2]) < MIN_SIDE:  # a sliver cut by the slide's edge: no image to segment alone
+            tot["fn"] += int(np.count_nonzero(m))
+            tot["too_small"] += 1
+            continue
         res = engine.segment(im)
         p = res.mask
         tot["tp"] += int(np.count_nonzero(p & m))
