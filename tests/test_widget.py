@@ -167,6 +167,11 @@ def test_the_saved_segmentation_picker_shows_only_for_slides(make_napari_viewer,
     assert not widget.segmentation.native.isHidden()
     widget.image.value = layer
     assert widget.segmentation.native.isHidden()
+    assert widget.volume.native.isHidden() and widget.z_range.native.isHidden()  # 3D controls: 3D only
+    stack = viewer.add_image(np.stack([img[..., 0]] * 4), name="stack")
+    widget.image.reset_choices()
+    widget.image.value = stack
+    assert not widget.volume.native.isHidden() and not widget.z_span.native.isHidden()
 
 
 def test_moving_one_box_refines_only_that_box(ran, qtbot, dsb_image, fitted_model):

@@ -118,6 +118,8 @@ class SegThenSegWidget(Container):
                               tooltip="First slice of the selected 3D box")
         self.z_to = SpinBox(label="to", min=0, max=10**6, enabled=False,
                             tooltip="Last slice of the selected 3D box")
+        self.z_range = Container(widgets=[self.z_from, self.z_to], layout="horizontal", labels=True,
+                                 label="z-range")
         self.live = CheckBox(text="re-segment boxes when edited", value=True)
         self.run_button = PushButton(text="Run")
         self.segment_button = PushButton(text="Segment boxes", tooltip="Segment the boxes layer now "
@@ -142,7 +144,7 @@ class SegThenSegWidget(Container):
         super().__init__(widgets=[
             self.image, self.model, self.load_button, self.model_info, self.mode, self.boxes, self.device,
             self.rough_scale, self.pixel_size, self.scale_info, self.segmentation, self.volume, self.z_span,
-            Container(widgets=[self.z_from, self.z_to], layout="horizontal", labels=True, label="z-range"),
+            self.z_range,
             self.live, self.run_button,
             self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status,
             self.add_button, self.finetune_minutes, self.finetune_button, self.training_info])
@@ -255,7 +257,8 @@ class SegThenSegWidget(Container):
 
     def _show_segmentation_choice(self, _=None) -> None:
         """The saved-segmentation picker continues a slide: shown only when the image is one (an
-        empty picker on an ordinary image reads as a missing result)."""
+        empty picker on an ordinary image reads as a missing result); the 3D controls only for 3D
+        images."""
         layer, slide = self.image.value, False
         if layer is not None:
             try:
@@ -263,6 +266,9 @@ class SegThenSegWidget(Container):
             except ValueError:  # not a 2D+ image: nothing to continue
                 slide = False
         self.segmentation.visible = slide
+        volume = layer is not None and is_volume(layer)  # the 3D controls, for 3D images only
+        for w in (self.volume, self.z_span, self.z_range):
+            w.visible = volume
 
     # -- rough scale -------------------------------------------------------------------------
     @property
