@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qt_loop import loop_until  # benchmarks/ is on the path when run as a script
+
 TICK_MS = 20
 
 
@@ -80,22 +82,6 @@ class Meter:
         return {"longest_stall_s": round(max(gaps), 3) if gaps else None,
                 "stalls_over_0.2_s": sum(g > 0.2 for g in gaps), "ticks": len(gaps),
                 "stalls": self.where.get(phase, [])}
-
-
-def loop_until(cond, timeout: float) -> bool:
-    """Run the Qt event loop (as napari does) until ``cond()`` or ``timeout`` seconds."""
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    end = time.perf_counter() + timeout
-    loop = QEventLoop()
-    check = QTimer()
-    check.setInterval(10)
-    check.timeout.connect(lambda: loop.quit() if cond() or time.perf_counter() >= end else None)
-    check.start()
-    while not cond() and time.perf_counter() < end:
-        loop.exec()
-    check.stop()
-    return bool(cond())
 
 
 def main(argv: list[str] | None = None) -> int:

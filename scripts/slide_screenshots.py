@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from qt_loop import loop_until  # noqa: E402
+
 PLUGIN, WIDGET = "napari-segthenseg", "Segment-then-Segment"
 TICK_MS = 20
 STACK_DEPTH = 9  # frames kept per stall sample
@@ -124,22 +127,6 @@ def screenshot(viewer, meter: Meter, path: Path) -> None:
     meter.phase = phase
 
 
-def loop_until(cond, timeout: float) -> bool:
-    """Run the Qt event loop (as napari does) until ``cond()`` or ``timeout`` seconds."""
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    end = time.perf_counter() + timeout
-    loop = QEventLoop()
-    check = QTimer()
-    check.setInterval(10)
-    check.timeout.connect(lambda: loop.quit() if cond() or time.perf_counter() >= end else None)
-    check.start()
-    while not cond() and time.perf_counter() < end:  # (re-entered if something else quit it)
-        loop.exec()
-    check.stop()
-    return bool(cond())
-
-
 def settle(seconds: float = 0.5) -> None:
     end = time.perf_counter() + seconds
     loop_until(lambda: time.perf_counter() >= end, seconds + 1)
@@ -208,7 +195,6 @@ def dice(store_level, gt_path: Path) -> float:
     import tifffile
     import zarr
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_slide import dsc, score_blocks
 
     with tifffile.TiffFile(gt_path) as tif:

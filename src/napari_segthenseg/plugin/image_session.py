@@ -15,7 +15,7 @@ from ..engine import SegmentResult, omezarr
 from ..engine.boxes import NO_BOXES
 from ..engine.boxio import write_boxes_csv
 from ..engine.fine import InMemory, box_key
-from .layers import ShapeBoxes, labels_from_mask, seg_layer
+from .layers import ShapeBoxes, labels_from_mask
 from .session import EngineFactory, Job, JobResult, Session, UiStep
 
 UNDO_STEPS = 100  # box edits that can be taken back
@@ -77,16 +77,6 @@ class ImageSession(Session):
         return seg_path, boxes_path
 
     # -- showing results ---------------------------------------------------------------------------
-    def ensure_seg_layer(self) -> object:
-        data = self.plane.expand(np.zeros(self.plane.hw, dtype=np.uint16))
-        if self.alive(self.seg_layer):
-            self.place(self.seg_layer)
-            if self.seg_layer.data.shape != data.shape:
-                self.seg_layer.data = data
-            return self.seg_layer
-        self.install(seg=seg_layer(data, self.name("segmentation"), self.plane))
-        return self.seg_layer
-
     def _show_run(self, res: JobResult, edited: bool) -> list[UiStep]:
         def show() -> None:
             self.known, self.stats, self.history = {}, res.stats, []

@@ -36,6 +36,7 @@ from .layers import (
     boxes_to_rectangles,
     rectangles_to_boxes,
     rough_layer,
+    seg_layer,
     shapes_in_image_pixels,
 )
 
@@ -261,6 +262,17 @@ class Session:
         else:
             layers.append(new)
         return new
+
+    def ensure_seg_layer(self) -> object:
+        """The segmentation layer, made (empty, uint16) or placed and sized for the plane."""
+        data = self.plane.expand(np.zeros(self.plane.shape, dtype=np.uint16))
+        if self.alive(self.seg_layer):
+            self.place(self.seg_layer)
+            if self.seg_layer.data.shape != data.shape:
+                self.seg_layer.data = data
+            return self.seg_layer
+        self.install(seg=seg_layer(data, self.name("segmentation"), self.plane))
+        return self.seg_layer
 
     def install(self, rough: object = None, seg: object = None, boxes: object = None) -> None:
         """Put prebuilt layers in place of the current ones (same places in the layer list)."""

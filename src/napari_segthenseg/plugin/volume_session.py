@@ -265,16 +265,6 @@ class VolumeSession(Session):
         return ids.pop() if len(ids) == 1 and 0 <= next(iter(ids)) < len(self.boxes3d) else None
 
     # -- showing results ---------------------------------------------------------------------------
-    def ensure_seg_layer(self) -> object:
-        data = self.plane.expand(np.zeros(self.plane.shape, dtype=np.uint16))
-        if self.alive(self.seg_layer):
-            self.place(self.seg_layer)
-            if self.seg_layer.data.shape != data.shape:
-                self.seg_layer.data = data
-            return self.seg_layer
-        self.install(seg=seg_layer(data, self.name("segmentation"), self.plane))
-        return self.seg_layer
-
     def _show_run(self, res: JobResult, edited: bool) -> list[UiStep]:
         def state() -> None:
             self.stats, self.known, self.mask, self.fused = res.stats, res.known, res.mask, res.boxes
