@@ -148,6 +148,8 @@ class SegThenSegWidget(Container):
             self.live, self.run_button,
             self.segment_button, self.cancel_button, self.undo_button, self.save_button, self.status,
             self.add_button, self.finetune_minutes, self.finetune_button, self.training_info])
+        for info in (self.model_info, self.scale_info, self.status, self.training_info):
+            info.native.setWordWrap(True)  # long lines (a model's lineage) wrap, not widen the dock
         self._debounce = QTimer()
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(DEBOUNCE_MS)
