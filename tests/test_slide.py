@@ -121,6 +121,38 @@ def test_local_windows_follow_the_image(slide_engine):
     assert empty.tiles_run == 0 and empty.tiles_skipped == 4 and not empty.mask.any()
 
 
+def test_a_crops_floor_follows_the_tissue_nearby_not_the_brightest_place():
+    """Crops' windows are at least 0.3 of the widest cell range within 9 x 9 cells (that range taken
+    as at least 0.15 of the slide's): a dim region far from the bright one keeps its own window, one
+    beside it is widened; bright-field windows keep half the slide's range; older saved windows their
+    rule."""
+    from napari_segthenseg.engine.localnorm import windows_from_arrays, windows_to_arrays
+
+    cmin = np.zeros((20, 40), np.float32)
+    cmax = np.full((20, 40), 100.0, np.float32)  # dim tissue everywhere ...
+    cmax[:, :5] = 1000.0  # ... but for a bright strip on the left
+    cmax[:, 36:] = 10.0  # and a nearly empty strip on the right
+    flat = np.zeros((20, 40), bool)
+    w = LocalWindows(4.0, 32, cmin, cmax, flat)
+
+    def centre(col: int) -> tuple[np.ndarray, np.ndarray]:  # rough px at the centre of a cell of row 10
+        return np.array([10.5 * 32.0]), np.array([(col + 0.5) * 32.0])
+
+    lo, hi = w.window_at(*centre(20))  # far from the bright strip: its own range
+    assert abs(hi[0] - lo[0] - 100.0) < 1e-3
+    lo, hi = w.window_at(*centre(39))  # nearly empty: 0.3 of 0.15 of the slide's range
+    assert abs(hi[0] - lo[0] - 45.0) < 1e-3
+    lo, hi = w.window_at(*centre(7))  # within 4 cells of it: 0.3 of its range
+    assert abs(hi[0] - lo[0] - 300.0) < 1e-3
+    bright = LocalWindows(4.0, 32, cmin, cmax, flat, floors=(0.15, 0.5), bright=True, crop_reach=0)
+    lo, hi = bright.window_at(*centre(20))
+    assert abs(hi[0] - lo[0] - 500.0) < 1e-3
+    arrays = windows_to_arrays(w)
+    assert windows_from_arrays(arrays).crop_reach == 9
+    del arrays["crop_reach"]  # saved by an older version: the slide's range, as then
+    assert windows_from_arrays(arrays).crop_reach == 0
+
+
 def test_chunked_output_equals_the_in_memory_walk(slide_engine, canvas, tmp_path):
     ref = slide_engine.segment(canvas)
     image = omezarr.create(tmp_path / "m.ome.zarr", canvas.shape, chunk=256)

@@ -33,7 +33,13 @@ FLAT_FRACTION = 0.01  # a cell whose range is below this share of the slide's ra
 # saw in training (every training image holds objects). Windows are at least this share of the
 # slide's range wide.
 MIN_CONTRAST = 0.15
-CROP_MIN_CONTRAST = 0.5
+# A crop's window is at least this share of the widest cell range within CROP_FLOOR_REACH x
+# CROP_FLOOR_REACH cells around it (not of the slide's: a dim field beside bright ones would be
+# flattened; docs/BENCHMARKS.md, Real slides). Bright-field slides keep BRIGHT_CROP_MIN_CONTRAST of
+# the slide's range (reach 0), which their glass rules were measured with.
+CROP_MIN_CONTRAST = 0.3
+CROP_FLOOR_REACH = 9
+BRIGHT_CROP_MIN_CONTRAST = 0.5
 GLASS_FILL_QUANTILE = 0.9  # of a crop's tissue pixels: its bright background, given to its glass
 GLASS_MARGIN = 0.03  # pixels within this share of the range below the glass level count as glass
 CELLS_PER_WINDOW = 2  # cells across one training window
@@ -48,7 +54,9 @@ class LocalWindows:
     ``cmin``/``cmax`` are each cell's own range. The rough net sees a pixel through the window of
     its cell's 3 x 3 neighbourhood (about a training image); a crop through its own cell's window
     (docs/WHOLE_SLIDES.md: measured, smaller windows for crops are closer to what the fine net saw
-    of each object in training). Every window is at least ``floors`` of the slide's range wide.
+    of each object in training). The rough net's windows are at least ``floors[0]`` of the slide's
+    range wide; a crop's at least ``floors[1]`` of the widest range of the cells within
+    ``crop_reach`` cells (0: of the slide's range; docs/WHOLE_SLIDES.md).
     ``bright``: the background is bright (bright-field), so a window made wider by its floor
     grows downwards, keeping the background at the top as training saw it (fluorescence: upwards).
     ``glass``: on a bright-field slide, the level at and above which a pixel (its darkest channel)
@@ -64,11 +72,22 @@ class LocalWindows:
     floors: tuple[float, float] = (MIN_CONTRAST, CROP_MIN_CONTRAST)  # rough, crops
     glass: float | None = None
     bright: bool = False
+    crop_reach: int = CROP_FLOOR_REACH  # cells whose ranges a crop's floor follows (0: the slide's)
 
     def __post_init__(self) -> None:
         span = max(float(self.cmax.max() - self.cmin.min()) if self.cmax.size else 0.0, 1e-8)
         (nr, nc), (fr, fc) = self.neighbourhoods, self.floors
-        self._rough, self._crops = self._window(nr, fr * span), self._window(nc, fc * span)
+        crop_floor = fc * (self._local_span(span) if self.crop_reach else span)
+        self._rough, self._crops = self._window(nr, fr * span), self._window(nc, crop_floor)
+
+    def _local_span(self, span: float) -> np.ndarray:
+        """(gy, gx) the widest range of a non-flat cell within ``crop_reach`` cells, and at
+        least ``MIN_CONTRAST`` of the slide's (a place with nothing around keeps a wide window)."""
+        if not self.cmax.size:
+            return np.full(self.cmax.shape, MIN_CONTRAST * span)
+        ranges = np.where(self.flat, 0.0, self.cmax - self.cmin)
+        local = ndimage.maximum_filter(ranges, size=self.crop_reach, mode="nearest")
+        return np.maximum(local, MIN_CONTRAST * span)
 
     def _window(self, cells: int, floor: float) -> torch.Tensor:
         """(1, 2, gy, gx) lo and hi over ``cells x cells`` cells, at least ``floor`` apart. On
@@ -158,7 +177,7 @@ def windows_to_arrays(windows: Windows) -> dict[str, np.ndarray]:
             "cmin": windows.cmin, "cmax": windows.cmax, "flat": windows.flat,
             "neighbourhoods": np.array(windows.neighbourhoods), "floors": np.array(windows.floors),
             "glass": np.array(np.nan if windows.glass is None else windows.glass),
-            "bright": np.array(windows.bright)}
+            "bright": np.array(windows.bright), "crop_reach": np.array(windows.crop_reach)}
 
 
 def windows_fit(windows: Windows, tiled: bool, scale: float | None, window: int | None,
@@ -182,7 +201,8 @@ def windows_from_arrays(data: dict[str, np.ndarray]) -> Windows:
                             np.asarray(data["cmax"], np.float32), np.asarray(data["flat"], bool),
                             tuple(int(v) for v in data["neighbourhoods"]),
                             tuple(float(v) for v in data["floors"]), _glass(data),
-                            bool(data["bright"]) if "bright" in data else False)
+                            bool(data["bright"]) if "bright" in data else False,
+                            int(data["crop_reach"]) if "crop_reach" in data else 0)  # older: the slide's
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not intensity windows: {exc}") from exc
 
@@ -236,7 +256,10 @@ def survey(src: ImageSource, scale: float, window: int, rough_hw: tuple[int, int
             _, below = yield from _cell_ranges(src, scale, cell, rough_hw, device, below=glass)
             tissue = ~flat & np.isfinite(below) & (below > cmin)
             cmax = np.where(tissue, below, cmax).astype(np.float32)
-    return LocalWindows(float(scale), cell, cmin, cmax, flat, glass=glass, bright=bright)
+    if bright:
+        return LocalWindows(float(scale), cell, cmin, cmax, flat, glass=glass, bright=True,
+                            floors=(MIN_CONTRAST, BRIGHT_CROP_MIN_CONTRAST), crop_reach=0)
+    return LocalWindows(float(scale), cell, cmin, cmax, flat, glass=glass)
 
 
 def _cell_ranges(src: ImageSource, scale: float, cell: int, rough_hw: tuple[int, int],
