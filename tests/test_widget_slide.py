@@ -115,9 +115,9 @@ def chunk_calls(monkeypatch):
     calls: list[tuple[tuple[int, int, int, int], int]] = []
     segment_chunk = engine_slide.segment_chunk
 
-    def spy(engine, src, boxes, stats, region):
+    def spy(engine, src, boxes, stats, region, *windows):
         calls.append((tuple(region), len(boxes)))
-        return segment_chunk(engine, src, boxes, stats, region)
+        return segment_chunk(engine, src, boxes, stats, region, *windows)
 
     monkeypatch.setattr(engine_slide, "segment_chunk", spy)
     return calls

@@ -141,11 +141,6 @@ class LocalWindows:
         hi_t = torch.as_tensor(hi, device=x.device)[:, None, None, None]
         return (x - lo_t) / (hi_t - lo_t).clamp_min(1e-8)
 
-    def flat_region(self, ry0: int, rx0: int, ry1: int, rx1: int) -> bool:
-        """Whether every cell touching the rough-pixel region is flat."""
-        c = self.cell
-        return bool(self.flat[ry0 // c:math.ceil(ry1 / c), rx0 // c:math.ceil(rx1 / c)].all())
-
     def busy_part(self, ry0: int, rx0: int, ry1: int, rx1: int, step: int = 1
                   ) -> tuple[int, int, int, int] | None:
         """The part of a rough-pixel region that its non-flat cells cover (their bounding box, its

@@ -27,7 +27,7 @@ import numpy as np
 
 from .core import Core
 from .fine import FineResult
-from .grid import CHUNK, Region, box_owners, boxes_by_chunk, tiles
+from .grid import CHUNK, Region, box_owners, boxes_by_chunk, boxes_touching, tiles
 from .groups import group_boxes
 from .image import ImageSource
 from .journal import SlideJournal
@@ -42,7 +42,7 @@ CHUNK_MEMORY_MB = 256.0  # activation budget of one chunk's fine batch
 IN_FLIGHT_PER_THREAD = 2  # chunk tasks submitted ahead per thread (one running, one queued)
 
 __all__ = ["CHUNK", "ChunkJob", "ChunkedOutput", "boxes_by_chunk", "core_for", "merge_parts", "open_executor",
-           "run_chunk", "run_tasks", "segment_chunk"]
+           "run_chunk", "run_tasks", "segment_chunk", "source_for"]
 
 
 @dataclass
@@ -274,7 +274,7 @@ class ChunkJob:
 
 
 _local = threading.local()
-_sources: dict[str, ImageSource] = {}
+_sources: dict[tuple[str, type], object] = {}
 _sources_lock = threading.Lock()
 
 
@@ -288,23 +288,21 @@ def core_for(job: ChunkJob) -> Core:
     return cache[job.token]
 
 
-def _source_for(job: ChunkJob) -> ImageSource:
-    if isinstance(job.source, ImageSource):
-        return job.source
-    with _sources_lock:  # one open file per worker process and path
-        if job.source not in _sources:
-            opened = open_image(job.source)
-            _sources[job.source] = ImageSource(opened.levels, name=str(job.source))
-        return _sources[job.source]
+def source_for(source: object, kind: type = ImageSource) -> object:
+    """A task's image: ``source`` itself when it is one (a ``kind``: ImageSource, or VolumeSource
+    for a volume's tasks), else the file at that path, opened once per worker process."""
+    if isinstance(source, kind):
+        return source
+    with _sources_lock:  # one open file per worker process, path and kind
+        key = (str(source), kind)
+        if key not in _sources:
+            opened = open_image(source, volume=kind is not ImageSource)
+            _sources[key] = kind(opened.levels, name=str(source))
+        return _sources[key]
 
 
 Part = tuple[Region, np.ndarray]  # part of a box's result in another task's region: area, packed bits
 TaskResult = tuple[dict[str, float], dict[str, int], list[Part | None]]
-
-
-def _overlapping(boxes: np.ndarray, region: Region) -> np.ndarray:
-    y0, x0, y1, x1 = region
-    return (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
 
 
 def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Region] | None = None,
@@ -316,9 +314,8 @@ def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Re
     core.timings, core.counts = {}, {}
     mask = probs = None
     try:
-        src = _source_for(job)
-        mask, probs = (segment_chunk(core, src, boxes, job.stats, region) if windows is None
-                       else segment_chunk(core, src, boxes, job.stats, region, windows))
+        src = source_for(job.source)
+        mask, probs = segment_chunk(core, src, boxes, job.stats, region, windows)
         y0, x0, y1, x1 = region
         with core.timed("write"):
             if job.overwrite or mask.any():  # all-background chunks stay unwritten (the fill value)
@@ -326,7 +323,7 @@ def run_chunk(job: ChunkJob, region: Region, boxes: np.ndarray, targets: list[Re
         parts: list[Part | None] = []
         boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
         for t in targets or []:
-            sel = _overlapping(boxes, t)
+            sel = boxes_touching(boxes, [t])
             b = boxes[sel]
             area = (max(t[0], int(b[:, 0].min())), max(t[1], int(b[:, 1].min())),
                     min(t[2], int(b[:, 2].max())), min(t[3], int(b[:, 3].max())))

@@ -10,7 +10,6 @@ z), fuses and writes the chunk: memory depends on the chunk, not on the number o
 
 from __future__ import annotations
 
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,7 @@ from .memory import release_free_memory
 from .modelfile import StSModel
 from .omezarr import Z_CHUNK
 from .progress import Steps
-from .reader import open_image
-from .slide import CHUNK_MEMORY_MB, core_for, run_tasks
+from .slide import CHUNK_MEMORY_MB, core_for, run_tasks, source_for
 from .volume_out import YX, VolumeFine, refine_slices, smoothed, spanning
 
 Region3 = tuple[int, int, int, int, int, int]  # (z0, y0, x0, z1, y1, x1), half-open
@@ -113,26 +111,12 @@ class VolumeJob:
     token: str = field(init=False, default_factory=lambda: uuid.uuid4().hex)
 
 
-_volumes: dict[str, VolumeSource] = {}
-_volumes_lock = threading.Lock()
-
-
-def _volume_for(job: VolumeJob) -> VolumeSource:
-    if isinstance(job.source, VolumeSource):
-        return job.source
-    with _volumes_lock:  # one open file per worker process and path
-        if job.source not in _volumes:
-            opened = open_image(job.source, volume=True)
-            _volumes[job.source] = VolumeSource(opened.levels, name=str(job.source))
-        return _volumes[job.source]
-
-
 def run_volume_chunk(job: VolumeJob, region: Region3, boxes: np.ndarray
                      ) -> tuple[dict[str, float], dict[str, int]]:
     """Task: segment one chunk of a volume and write it; returns its timings and counts."""
     core = core_for(job)
     core.timings, core.counts = {}, {}
-    vol = _volume_for(job)
+    vol = source_for(job.source, VolumeSource)
     z0, y0, x0, z1, y1, x1 = region
     out = np.zeros((z1 - z0, y1 - y0, x1 - x0), dtype=bool)
     k = job.smooth
